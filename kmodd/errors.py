@@ -1,0 +1,83 @@
+"""One error hierarchy: every class has a D-Bus error name and a CLI exit code.
+
+Only entry points (cli, daemon, hooks) turn these into messages and exit codes.
+Exit codes 0 and 1 are results (0: all good, 1: something needs a rebuild / failed
+for a module), 2 is a usage error (argparse's own), the rest are the classes below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class KmoddError(Exception):
+    """Base class. `str(err)` is one line fit for an admin."""
+
+    dbus_name = "io.kmodd1.Error.Failed"
+    exit_code = 5
+
+
+class UsageError(KmoddError):
+    """The command line (or a D-Bus call) asks for something that makes no sense."""
+
+    dbus_name = "io.kmodd1.Error.InvalidArgs"
+    exit_code = 2
+
+
+class BadInputError(KmoddError):
+    """A file exists but its content is malformed: corrupt ELF, broken symvers line..."""
+
+    dbus_name = "io.kmodd1.Error.BadInput"
+    exit_code = 3
+
+    def __init__(self, path: Path, problem: str, *, line: int | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        self.line = line
+        where = os.fspath(path) if line is None else f"{os.fspath(path)}:{line}"
+        super().__init__(f"{where}: {problem}")
+
+
+class NotFoundError(KmoddError):
+    """A named thing does not exist: a module path, a kernel, a kernel's exports."""
+
+    dbus_name = "io.kmodd1.Error.NotFound"
+    exit_code = 4
+
+    def __init__(self, what: str, path: Path | None = None) -> None:
+        self.what = what
+        self.path = path
+        super().__init__(what if path is None else f"{os.fspath(path)}: {what}")
+
+
+class CommandError(KmoddError):
+    """An external command failed; carries the command, its status and stderr's tail."""
+
+    dbus_name = "io.kmodd1.Error.CommandFailed"
+    exit_code = 5
+
+    def __init__(self, argv: list[str], returncode: int, stderr_tail: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        tail = stderr_tail.strip().splitlines()[-1:] or ["(no output)"]
+        super().__init__(f"{argv[0]} exited with status {returncode}: {tail[0]}")
+
+
+class AccessDeniedError(KmoddError):
+    """The caller may not change the system."""
+
+    dbus_name = "io.kmodd1.Error.AccessDenied"
+    exit_code = 6
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success: every module is reusable / every job succeeded",
+    1: "a module needs a rebuild (check) or a module's job failed (autoinstall)",
+    2: "usage error",
+    3: "bad input: a file is malformed (corrupt module, broken symvers line, bad dkms.conf)",
+    4: "not found: a module path, a kernel or a kernel's exports does not exist",
+    5: "an operation or external command failed",
+    6: "access denied",
+}

@@ -1,0 +1,98 @@
+"""Every location kmodd reads or writes, derived from one root prefix.
+
+`Root("/")` is the running system; `Root(tmp)` is a chroot-like tree used by tests,
+image builds and `--root`. Symlinks inside the root are resolved as a chroot would:
+an absolute target is looked up under the prefix, and `..` never climbs above it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+_MAX_SYMLINKS = 40
+
+
+@dataclass(frozen=True)
+class Root:
+    prefix: Path
+
+    @classmethod
+    def at(cls, prefix: str | os.PathLike[str]) -> Root:
+        return cls(Path(prefix).resolve())
+
+    def path(self, inside: str | PurePosixPath) -> Path:
+        """`/lib/modules` inside the root, as a path on this machine (no resolving)."""
+        pure = PurePosixPath(inside)
+        return self.prefix / (pure.relative_to("/") if pure.is_absolute() else pure)
+
+    def resolve(self, path: Path) -> Path:
+        """Resolve every symlink in `path` (a path under the prefix) as a chroot would.
+
+        The result need not exist; a symlink loop resolves to the looping path.
+        """
+        try:
+            rel = path.relative_to(self.prefix)
+        except ValueError:
+            rel = Path(os.path.relpath(path, self.prefix))
+        pending = list(reversed(rel.parts))
+        done: list[str] = []
+        hops = 0
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            candidate = self.prefix.joinpath(*done, part)
+            if candidate.is_symlink() and hops < _MAX_SYMLINKS:
+                hops += 1
+                target = PurePosixPath(candidate.readlink())
+                if target.is_absolute():
+                    done = []
+                    target = target.relative_to("/")
+                pending.extend(reversed(target.parts))
+                continue
+            done.append(part)
+        return self.prefix.joinpath(*done)
+
+    def outside(self, path: Path) -> str:
+        """How `path` (under the prefix) reads from inside the root: `/lib/modules/...`."""
+        try:
+            return "/" + os.fspath(path.relative_to(self.prefix))
+        except ValueError:
+            return os.fspath(path)
+
+    # Well-known locations -------------------------------------------------------------
+
+    @property
+    def modules_dirs(self) -> tuple[Path, ...]:
+        """Where kernels keep their modules: `/lib/modules` and `/usr/lib/modules`."""
+        return (self.path("/lib/modules"), self.path("/usr/lib/modules"))
+
+    @property
+    def boot(self) -> Path:
+        return self.path("/boot")
+
+    @property
+    def usr_src(self) -> Path:
+        return self.path("/usr/src")
+
+    @property
+    def dkms_overrides(self) -> Path:
+        return self.path("/etc/dkms")
+
+    @property
+    def dkms_tree(self) -> Path:
+        return self.path("/var/lib/dkms")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path("/var/lib/kmodd")
+
+    @property
+    def config_file(self) -> Path:
+        return self.path("/etc/kmodd/kmodd.conf")
