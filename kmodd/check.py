@@ -32,7 +32,7 @@ def target_of(k: kernel.Kernel) -> compat.Target:
 def check_files(root: Root, release: str, paths: Sequence[Path]) -> Report:
     """Judge `paths`, one package, against kernel `release`."""
     target = target_of(kernel.find(root, release))
-    package = [modfile.read(path) for path in paths]
+    package = modfile.read_many(paths)
     return Report(release, tuple(compat.judge(package, target)))
 
 
@@ -58,7 +58,7 @@ def check_installed(root: Root, releases: Sequence[str] | None = None) -> list[R
         verdicts: list[compat.Verdict] = []
         for source, paths in packages.items():
             if source != release and paths:
-                verdicts.extend(compat.judge([modfile.read(p) for p in paths], target))
+                verdicts.extend(compat.judge(modfile.read_many(paths), target))
         reports.append(Report(release, tuple(verdicts)))
     return reports
 

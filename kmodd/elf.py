@@ -1,7 +1,7 @@
 """A small, strict reader for the parts of a relocatable ELF file a kernel module needs.
 
 Hand-written on `struct` rather than pyelftools: reading a module's symbol table is the
-hot path of every verdict, and `struct.iter_unpack` does it about 50x faster (see
+hot path of every verdict, and `struct.iter_unpack` does it about 25x faster (see
 bench/). Every offset is bounds-checked; a malformed file raises `BadInputError`.
 """
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-from oracles import LoadResult, QemuOracleError, boot_and_insmod, build_modules
-from oracles.qemu import BUSYBOX, QEMU, parse_console
 
-MODSRC = Path(__file__).resolve().parent / "modsrc"
+from tests.oracles import LoadResult, QemuOracleError, boot_and_insmod
+from tests.oracles.qemu import BUSYBOX, QEMU, parse_console
+
 # Insmod order: each provider before its consumer.
 ORDER = ("kmt_simple", "kmt_misc", "kmt_kmalloc", "kmt_pkga", "kmt_pkgb", "kmt_pkgc", "kmt_pkgd")
 K6_12_111 = "6.12.111+deb12-amd64"
@@ -56,19 +56,13 @@ def _boot(kver: str, modules: list[Path], workdir: Path) -> dict[str, LoadResult
 
 
 @pytest.fixture(scope="session")
-def kmt_builds(tmp_path_factory: pytest.TempPathFactory) -> Builder:
-    """kver -> the tests/modsrc modules built for it, in ORDER (built once per session)."""
-    out = tmp_path_factory.mktemp("kmt-builds")
-    cache: dict[str, list[Path]] = {}
+def kmt_builds(built: Callable[[str], dict[str, Path]]) -> Builder:
+    """kver -> the tests/modsrc modules built for it (conftest's session cache), in ORDER."""
 
     def build(kver: str) -> list[Path]:
-        if kver not in cache:
-            build_dir = Path("/lib/modules") / kver / "build"
-            _require(build_dir / "Makefile", "kernel headers")
-            built = build_modules(MODSRC, build_dir, out, kver)
-            assert sorted(built) == sorted(ORDER)
-            cache[kver] = [built[name] for name in ORDER]
-        return cache[kver]
+        modules = built(kver)
+        assert sorted(modules) == sorted(ORDER)
+        return [modules[name] for name in ORDER]
 
     return build
 
@@ -98,9 +92,7 @@ def test_6_12_113_loads_its_own_builds(kmt_builds: Builder, tmp_path: Path) -> N
     assert "kmt_pkgc: hello" in results["kmt_pkgd"].message
 
 
-def test_6_12_113_refuses_111_builds_with_changed_crcs(
-    kmt_builds: Builder, tmp_path: Path
-) -> None:
+def test_6_12_113_refuses_111_builds_with_changed_crcs(kmt_builds: Builder, tmp_path: Path) -> None:
     results = _boot(K6_12_113, kmt_builds(K6_12_111), tmp_path)
     _assert_loaded(results, "kmt_simple", "kmt_pkga", "kmt_pkgb")
     _assert_refused(results, "kmt_misc", "misc_register")

@@ -48,7 +48,7 @@ def _run_make(build_dir: Path, mdir: Path, kver: str) -> None:
     ]
     env = {**os.environ, "LC_ALL": "C"}
     try:
-        subprocess.run(  # noqa: S603 - fixed argv, no shell
+        subprocess.run(
             cmd, check=True, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env
         )
     except subprocess.CalledProcessError as exc:

@@ -200,9 +200,7 @@ def qemu_command(vmlinuz: Path, initrd: Path) -> list[str]:
 
 def _run_qemu(cmd: list[str], console_log: Path, timeout: float) -> str:
     with console_log.open("wb") as log:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
