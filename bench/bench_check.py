@@ -70,14 +70,17 @@ def main() -> None:
         return compat.judge(modfile.read_many(paths), target)
 
     def judge_from_bytes() -> object:
-        return compat.judge([modfile.parse(p, d) for p, d in zip(paths, raw_modules, strict=True)],
-                            target)  # fmt: skip
+        return compat.judge(
+            [modfile.parse(p, d) for p, d in zip(paths, raw_modules, strict=True)], target
+        )
 
     infos = [modfile.parse(p, d) for p, d in zip(paths, raw_modules, strict=True)]
     verdicts = compat.judge(infos, target)
     reusable = sum(v.reusable for v in verdicts)
-    print(f"{len(paths)} in-tree modules of {args.source} ({size:.0f} KiB each uncompressed) "
-          f"against {args.target}: {reusable} reusable")  # fmt: skip
+    print(
+        f"{len(paths)} in-tree modules of {args.source} ({size:.0f} KiB each uncompressed) "
+        f"against {args.target}: {reusable} reusable"
+    )
     print(f"  read .ko.xz + parse + judge   {median_ms(judge_from_files):7.1f} ms")
     print(f"  parse + judge (uncompressed)  {median_ms(judge_from_bytes):7.1f} ms")
     print(

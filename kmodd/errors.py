@@ -72,12 +72,27 @@ class AccessDeniedError(KmoddError):
     exit_code = 6
 
 
+class BuildError(KmoddError):
+    """Building, or installing, one module source for one kernel failed."""
+
+    dbus_name = "io.kmodd1.Error.BuildFailed"
+    exit_code = 7
+
+    def __init__(self, what: str, problem: str, log: Path | None = None) -> None:
+        self.what = what
+        self.problem = problem
+        self.log = log
+        suffix = "" if log is None else f" (log: {os.fspath(log)})"
+        super().__init__(f"{what}: {problem}{suffix}")
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success: every module is reusable / every job succeeded",
-    1: "a module needs a rebuild (check) or a module's job failed (autoinstall)",
+    1: "check: at least one module needs a rebuild",
     2: "usage error",
     3: "bad input: a file is malformed (corrupt module, broken symvers line, bad dkms.conf)",
     4: "not found: a module path, a kernel or a kernel's exports does not exist",
     5: "an operation or external command failed",
     6: "access denied",
+    7: "some modules failed to build or install (each named, with its log); the rest were done",
 }

@@ -188,7 +188,7 @@ def installed_releases(root: Root) -> list[str]:
         for entry in sorted(base.iterdir()):
             if entry.is_dir() and entry.name not in seen:
                 seen[entry.name] = entry
-    return sorted(seen, key=_version_key)
+    return sorted(seen, key=version_key)
 
 
 def find(root: Root, release: str) -> Kernel:
@@ -202,5 +202,5 @@ def find(root: Root, release: str) -> Kernel:
     raise NotFoundError(f"kernel {release} is not installed (no {looked})")
 
 
-def _version_key(release: str) -> list[tuple[int, str]]:
+def version_key(release: str) -> list[tuple[int, str]]:
     return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~_]", release)]

@@ -21,8 +21,11 @@ def kmodctl(*args: str | Path, root: Path | None = None) -> subprocess.Completed
         env["KMODD_ROOT"] = os.fspath(root)
     return subprocess.run(
         [sys.executable, "-m", "kmodd.cli", *(os.fspath(a) for a in args)],
-        capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
 
 
 def test_json_contract_and_exit_1_when_a_rebuild_is_needed(
@@ -30,16 +33,21 @@ def test_json_contract_and_exit_1_when_a_rebuild_is_needed(
 ) -> None:
     root = make_root(K113)
     mods = built(K111)
-    proc = kmodctl("--root", root, "check", "--kernel", K113, "--json",
-                   mods["kmt_simple"], mods["kmt_misc"])  # fmt: skip
+    proc = kmodctl(
+        "--root", root, "check", "--kernel", K113, "--json", mods["kmt_simple"], mods["kmt_misc"]
+    )
     assert proc.returncode == 1, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["kernel"] == K113
     simple, misc = doc["modules"]
     assert simple == {
-        "path": os.fspath(mods["kmt_simple"]), "name": "kmt_simple", "reusable": True,
-        "changed": [], "missing": [], "reasons": [],
-    }  # fmt: skip
+        "path": os.fspath(mods["kmt_simple"]),
+        "name": "kmt_simple",
+        "reusable": True,
+        "changed": [],
+        "missing": [],
+        "reasons": [],
+    }
     assert misc["reusable"] is False
     assert {c["symbol"] for c in misc["changed"]} == {"misc_register", "misc_deregister"}
     for change in misc["changed"]:

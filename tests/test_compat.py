@@ -46,8 +46,10 @@ def depmod_findings(root: Path, kver: str, kos: list[Path]) -> dict[str, dict[st
     symvers_path = host_headers(kver) / "Module.symvers"
     proc = subprocess.run(
         [depmod, "-n", "-e", "-E", symvers_path, "-b", root, kver],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     found: dict[str, dict[str, set[str]]] = {
         ko.stem: {"disagrees": set(), "unknown": set()} for ko in kos
     }

@@ -66,10 +66,17 @@ def test_extended_modversions_sections(built: Built, tmp_path: Path) -> None:
     names.write_bytes(f"{long_name}\0short_one\0".encode())
     out = tmp_path / "ext.ko"
     subprocess.run(
-        [objcopy, "--add-section", f"__version_ext_crcs={crcs}",
-         "--add-section", f"__version_ext_names={names}", built(K113)["kmt_simple"], out],
+        [
+            objcopy,
+            "--add-section",
+            f"__version_ext_crcs={crcs}",
+            "--add-section",
+            f"__version_ext_names={names}",
+            built(K113)["kmt_simple"],
+            out,
+        ],
         check=True,
-    )  # fmt: skip
+    )
     info = modfile.read(out)
     assert info.versions[long_name] == 0xDEADBEEF
     assert info.versions["short_one"] == 0x12345678

@@ -1,0 +1,262 @@
+"""Bringing one kernel up to date: plan, weak-link, build in parallel, install, depmod
+once, and remake the initrd when a REMAKE_INITRD module changed.
+
+The same code path serves `kmodctl autoinstall`, the kernel hooks and the service.
+A failure is recorded with its log and never stops the other modules.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from kmodd import builder, config, dkmsconf, fsutil, initrd, install, kernel, store
+from kmodd.errors import BuildError, KmoddError
+from kmodd.paths import Root
+from kmodd.plan import Action, Decision, plan_kernel
+from kmodd.state import State
+from kmodd.store import Record, Store
+
+log = structlog.get_logger(__name__)
+
+_RECORDED = {
+    Action.EXCLUDED: State.EXCLUDED,
+    Action.WAIT: State.WAITING,
+    Action.DKMS: State.DKMS,
+    Action.FAILED: State.FAILED,
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    version: str
+    kernel: str
+    action: Action
+    state: State | None
+    detail: str
+    log: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.state is State.FAILED
+
+
+@dataclass(frozen=True)
+class Options:
+    jobs: int = os.cpu_count() or 1
+    initrd: bool = True
+    only: frozenset[str] | None = None
+    """Only these source names (default: every source with AUTOINSTALL=yes)."""
+    avoid_kernels: frozenset[str] = frozenset()
+
+
+def autoinstall(root: Root, release: str, options: Options = Options()) -> list[Outcome]:
+    with store.lock(root):
+        db = Store.open(root)
+        try:
+            return _Run(root, db, kernel.find(root, release), options).run()
+        finally:
+            db.close()
+
+
+class _Run:
+    def __init__(self, root: Root, db: Store, k: kernel.Kernel, options: Options) -> None:
+        self.root, self.db, self.k, self.options = root, db, k, options
+        self.arch = k.arch or os.uname().machine
+        self.config = config.load(root)
+        self.changed = False
+        self.remake_initrd = False
+        self.outcomes: list[Outcome] = []
+
+    @property
+    def _pending(self) -> Path:
+        """Exists while a change for this kernel waits for depmod (and the initrd): a run
+        killed in between leaves it, and the next run finishes the job."""
+        return self.root.state_dir / "pending" / self.k.release
+
+    def run(self) -> list[Outcome]:
+        if self._pending.exists():
+            self.changed = True
+            self.remake_initrd = self._pending.read_text().strip() == "initrd"
+        sources = dkmsconf.find_sources(self.root)
+        for source in sources:
+            self.db.add_source(source.name, source.version, self.root.outside(source.path))
+        if self.options.only is not None:
+            sources = [s for s in sources if s.name in self.options.only]
+        decisions = plan_kernel(
+            self.root,
+            self.db,
+            self.k,
+            sources,
+            autoinstall_only=self.options.only is None,
+            avoid_kernels=self.options.avoid_kernels,
+        )
+        builds = []
+        for decision in decisions:
+            if decision.action is Action.BUILD:
+                builds.append(decision)
+            elif decision.action is Action.WEAK:
+                self._link(decision)
+            else:
+                self._note(decision)
+        self._build_all(builds)
+        if self.changed:
+            install.depmod(self.root, self.k.release)
+            if self.remake_initrd and self.options.initrd:
+                initrd.regenerate(self.root, self.k.release)
+            self._pending.unlink(missing_ok=True)
+        return self.outcomes
+
+    # one decision at a time -------------------------------------------------------------
+
+    def _note(self, d: Decision) -> None:
+        state = _RECORDED.get(d.action)
+        if state is not None:
+            old = self.db.record(d.name, d.version, d.kernel)
+            if old and old.files and d.action is Action.EXCLUDED:
+                self._retire(old)
+            self.db.put(Record(d.name, d.version, d.kernel, self.arch, state, detail=d.reason))
+        self.outcomes.append(Outcome(d.name, d.version, d.kernel, d.action, state, d.reason))
+
+    def _link(self, d: Decision) -> None:
+        assert d.conf is not None
+        old = self.db.record(d.name, d.version, d.kernel)
+        links = install.link_weak(self.k, d.name, list(d.weak_files))
+        files = tuple(self.root.outside(p) for p in links)
+        if old:
+            self._retire(old, keep=files)
+        self.db.put(
+            Record(
+                d.name,
+                d.version,
+                d.kernel,
+                self.arch,
+                State.INSTALLED_WEAK,
+                weak_from=d.weak_from,
+                detail=d.reason,
+                files=files,
+                remake_initrd=d.conf.remake_initrd,
+            )
+        )
+        self._changed(d.conf.remake_initrd)
+        self.outcomes.append(
+            Outcome(d.name, d.version, d.kernel, d.action, State.INSTALLED_WEAK, d.reason)
+        )
+
+    def _retire(self, old: Record, keep: tuple[str, ...] = ()) -> None:
+        install.remove_files(self.root, [f for f in old.files if f not in keep])
+        self._changed(old.remake_initrd)
+
+    def _changed(self, remake_initrd: bool) -> None:
+        if not self.changed or (remake_initrd and not self.remake_initrd):
+            fsutil.atomic_write(self._pending, b"initrd\n" if remake_initrd else b"depmod\n")
+        self.changed = True
+        self.remake_initrd = self.remake_initrd or remake_initrd
+
+    # builds ------------------------------------------------------------------------------
+
+    def _build_all(self, builds: list[Decision]) -> None:
+        """Build in parallel; a source waits for the BUILD_DEPENDS built in this run."""
+        pending = {d.name: d for d in builds}
+        failed: set[str] = set()
+        running: dict[Future[builder.BuildResult], Decision] = {}
+        workers = max(1, min(self.options.jobs, len(builds)))
+        make_jobs = max(1, (os.cpu_count() or 1) // workers)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            while pending or running:
+                for name, d in list(pending.items()):
+                    deps = d.conf.build_depends if d.conf else ()
+                    blocked = [dep for dep in deps if dep in failed]
+                    if blocked:
+                        del pending[name]
+                        failed.add(name)
+                        self._failed(d, f"BUILD_DEPENDS {', '.join(blocked)} failed", None)
+                    elif not any(dep in pending or _runs(running, dep) for dep in deps):
+                        del pending[name]
+                        self._put(d, State.BUILDING, d.reason)
+                        running[pool.submit(self._build_one, d, make_jobs)] = d
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    d = running.pop(future)
+                    if not self._finish(d, future):
+                        failed.add(d.name)
+
+    def _build_one(self, d: Decision, make_jobs: int) -> builder.BuildResult:
+        structlog.contextvars.bind_contextvars(module=d.name, kver=d.kernel)
+        return builder.build(self.root, d.source, self.k, config=self.config, jobs=make_jobs)
+
+    def _finish(self, d: Decision, future: Future[builder.BuildResult]) -> bool:
+        try:
+            result = future.result()
+            old = self.db.record(d.name, d.version, d.kernel)
+            files = tuple(
+                self.root.outside(p) for p in install.install_build(self.root, self.k, result)
+            )
+        except BuildError as err:
+            self._failed(d, err.problem, err.log)
+            return False
+        except (KmoddError, OSError) as err:
+            self._failed(d, str(err), None)
+            return False
+        if old:
+            self._retire(old, keep=files)
+        remake = result.conf.remake_initrd
+        self.db.put(
+            Record(
+                d.name,
+                d.version,
+                d.kernel,
+                self.arch,
+                State.INSTALLED,
+                log=os.fspath(result.log),
+                detail="built",
+                files=files,
+                remake_initrd=remake,
+            )
+        )
+        self._changed(remake)
+        self.outcomes.append(
+            Outcome(
+                d.name,
+                d.version,
+                d.kernel,
+                d.action,
+                State.INSTALLED,
+                "built and installed",
+                result.log,
+            )
+        )
+        return True
+
+    def _failed(self, d: Decision, problem: str, logfile: Path | None) -> None:
+        self._put(d, State.FAILED, problem, logfile)
+        self.outcomes.append(
+            Outcome(d.name, d.version, d.kernel, d.action, State.FAILED, problem, logfile)
+        )
+
+    def _put(self, d: Decision, state: State, detail: str, logfile: Path | None = None) -> None:
+        old = self.db.record(d.name, d.version, d.kernel)
+        self.db.put(
+            Record(
+                d.name,
+                d.version,
+                d.kernel,
+                self.arch,
+                state,
+                log=None if logfile is None else os.fspath(logfile),
+                detail=detail,
+                files=old.files if old else (),
+                remake_initrd=old.remake_initrd if old else False,
+            )
+        )
+
+
+def _runs(running: dict[Future[builder.BuildResult], Decision], name: str) -> bool:
+    return any(d.name == name for d in running.values())

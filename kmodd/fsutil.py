@@ -1,0 +1,70 @@
+"""Changes on disk that can't be half-done: temp file in the same directory, fsync, rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data`: a reader (or a crash) sees the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_symlink(target: str, link: Path) -> None:
+    """Point `link` at `target` (relative or absolute), replacing whatever was there."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    tmp.replace(link)
+    _fsync_dir(link.parent)
+
+
+def remove(path: Path) -> bool:
+    """Remove a file or link if it is there; prune the directories it leaves empty up to
+    (not including) a `modules` parent's kernel dir. True when something was removed."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    parent = path.parent
+    while parent.name not in ("updates", "extra", "weak-updates", "kernel") and _rmdir(parent):
+        parent = parent.parent
+    return True
+
+
+def _rmdir(directory: Path) -> bool:
+    try:
+        directory.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def clean_temporaries(directory: Path) -> None:
+    """Remove the `.NAME.*.tmp` files an interrupted atomic write left behind."""
+    if directory.is_dir():
+        for leftover in directory.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)

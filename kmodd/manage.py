@@ -1,0 +1,166 @@
+"""Changing what is installed, one source or one kernel at a time: build, install,
+uninstall, remove a kernel, adopt from DKMS. All under the writers' lock."""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+
+from kmodd import builder, config, dkms_compat, dkmsconf, install, kernel, store
+from kmodd.autoinstall import Options, Outcome, autoinstall
+from kmodd.dkmsconf import SourceDir
+from kmodd.errors import BuildError, NotFoundError, UsageError
+from kmodd.paths import Root
+from kmodd.plan import Action
+from kmodd.state import State
+from kmodd.store import Record, Store
+
+log = structlog.get_logger(__name__)
+
+
+def find_source(root: Root, spec: str) -> SourceDir:
+    """`NAME` or `NAME/VERSION` → the source in /usr/src (the newest version for NAME)."""
+    name, _, version = spec.partition("/")
+    matches = [s for s in dkmsconf.find_sources(root) if s.name == name]
+    if version:
+        matches = [s for s in matches if s.version == version]
+    if not matches:
+        raise NotFoundError(f"no module source {spec} in {root.outside(root.usr_src)}")
+    return max(matches, key=lambda s: kernel.version_key(s.version))
+
+
+def build_only(root: Root, spec: str, release: str, jobs: int) -> Outcome:
+    source = find_source(root, spec)
+    k = kernel.find(root, release)
+    with store.lock(root):
+        db = Store.open(root)
+        arch = k.arch or os.uname().machine
+        try:
+            result = builder.build(root, source, k, config=config.load(root), jobs=jobs)
+        except BuildError as err:
+            db.put(
+                Record(
+                    source.name,
+                    source.version,
+                    release,
+                    arch,
+                    State.FAILED,
+                    log=None if err.log is None else os.fspath(err.log),
+                    detail=err.problem,
+                )
+            )
+            raise
+        else:
+            old = db.record(source.name, source.version, release)
+            if old is None or old.state not in (State.INSTALLED, State.INSTALLED_WEAK):
+                db.put(
+                    Record(
+                        source.name,
+                        source.version,
+                        release,
+                        arch,
+                        State.BUILT,
+                        log=os.fspath(result.log),
+                        detail="built, not installed",
+                    )
+                )
+        finally:
+            db.close()
+    return Outcome(
+        result.conf.name,
+        result.conf.version,
+        release,
+        Action.BUILD,
+        State.BUILT,
+        "built",
+        result.log,
+    )
+
+
+def install_source(root: Root, spec: str, release: str, options: Options) -> list[Outcome]:
+    source = find_source(root, spec)
+    return autoinstall(root, release, _only(options, source.name))
+
+
+def _only(options: Options, name: str) -> Options:
+    return Options(options.jobs, options.initrd, frozenset({name}), options.avoid_kernels)
+
+
+def uninstall(root: Root, spec: str, release: str, options: Options) -> list[Outcome]:
+    """Remove NAME from KVER; kernels that weak-linked to it get another build."""
+    source = find_source(root, spec)
+    with store.lock(root):
+        db = Store.open(root)
+        try:
+            record = db.record(source.name, source.version, release)
+            if record is None or not record.files:
+                return []  # asking for what is already so is success
+            install.remove_files(root, list(record.files))
+            db.put(
+                Record(
+                    source.name,
+                    source.version,
+                    release,
+                    record.arch,
+                    State.ADDED,
+                    detail="uninstalled",
+                )
+            )
+            dependants = [r.kernel for r in db.records(name=source.name) if r.weak_from == release]
+        finally:
+            db.close()
+    install.depmod(root, release)
+    outcomes = []
+    for other in dependants:
+        outcomes += autoinstall(root, other, _only(options, source.name))
+    return outcomes
+
+
+def remove_kernel(root: Root, release: str, options: Options) -> list[Outcome]:
+    """Forget KVER: first give the kernels that weak-link into it another build, then
+    remove what kmodd installed for it, so no link is ever left dangling."""
+    with store.lock(root):
+        db = Store.open(root)
+        try:
+            dependants: dict[str, set[str]] = {}
+            for r in db.records():
+                if r.weak_from == release and r.kernel != release:
+                    dependants.setdefault(r.kernel, set()).add(r.name)
+        finally:
+            db.close()
+    outcomes = []
+    for other, names in sorted(dependants.items()):
+        avoid = options.avoid_kernels | {release}
+        outcomes += autoinstall(
+            root, other, Options(options.jobs, options.initrd, frozenset(names), avoid)
+        )
+    with store.lock(root):
+        db = Store.open(root)
+        try:
+            for r in db.records(kernel=release):
+                install.remove_files(root, list(r.files))
+            db.delete_kernel(release)
+        finally:
+            db.close()
+    log.info("kernel removed", kver=release)
+    return outcomes
+
+
+def adopt(root: Root, name: str, options: Options) -> list[Outcome]:
+    """Take over from DKMS: kmodd may now replace what DKMS installed for NAME."""
+    source = find_source(root, name)
+    kernels = dkms_compat.dkms_modules(root, source.name)
+    with store.lock(root):
+        db = Store.open(root)
+        try:
+            db.add_source(source.name, source.version, root.outside(source.path))
+            if db.set_adopted(source.name) == 0:
+                raise UsageError(f"{name}: not a known source")
+        finally:
+            db.close()
+    outcomes = []
+    for release in kernels:
+        if release in kernel.installed_releases(root):
+            outcomes += autoinstall(root, release, _only(options, source.name))
+    return outcomes

@@ -1,0 +1,107 @@
+"""What is where: every module source against every installed kernel, from the disk.
+
+The store remembers how things got there; the disk is the truth. A record claiming
+files that are gone is repaired (and said, in the log and in `detail`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from kmodd import dkms_compat, dkmsconf, kernel
+from kmodd.paths import Root
+from kmodd.plan import files_present
+from kmodd.state import State
+from kmodd.store import Record, Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Line:
+    module: str
+    version: str
+    kernel: str
+    arch: str
+    state: State
+    weak_from: str | None = None
+    log: str | None = None
+    detail: str | None = None
+
+    def text(self) -> str:
+        """DKMS's shape: `acpi-call/1.2.2, 6.12.113+deb12-amd64, x86_64: installed`."""
+        state: str = self.state.value
+        if self.state is State.INSTALLED_WEAK:
+            state = f"installed-weak (from {self.weak_from})"
+        elif self.state is State.FAILED:
+            state = f"failed (log: {self.log})" if self.log else f"failed ({self.detail})"
+        elif self.state in (State.EXCLUDED, State.DKMS) and self.detail:
+            state = f"{state} ({self.detail})"
+        return f"{self.module}/{self.version}, {self.kernel}, {self.arch}: {state}"
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "version": self.version,
+            "kernel": self.kernel,
+            "arch": self.arch,
+            "state": self.state.value,
+            "weak_from": self.weak_from,
+            "log": self.log,
+            "detail": self.detail,
+        }
+
+
+def status(
+    root: Root, db: Store, *, name: str | None = None, release: str | None = None
+) -> list[Line]:
+    kernels = [release] if release else kernel.installed_releases(root)
+    arches = {r: kernel.find(root, r).arch or os.uname().machine for r in kernels}
+    sources = {(s.name, s.version) for s in dkmsconf.find_sources(root)}
+    records = {(r.name, r.version, r.kernel): r for r in db.records(name=name, kernel=release)}
+    lines = []
+    for rec_key, record in records.items():
+        if record.kernel in arches:
+            lines.append(_line(root, db, record))
+            sources.add(rec_key[:2])
+    for src_name, version in sorted(sources):
+        if name and src_name != name:
+            continue
+        for kver in kernels:
+            if (src_name, version, kver) in records:
+                continue
+            arch = arches[kver]
+            dkms = dkms_compat.installed_by_dkms(root, src_name, kver, arch)
+            state = State.DKMS if dkms == version else State.ADDED
+            lines.append(Line(src_name, version, kver, arch, state))
+    return sorted(lines, key=lambda ln: (ln.module, ln.version, kernel.version_key(ln.kernel)))
+
+
+def _line(root: Root, db: Store, record: Record) -> Line:
+    state, detail = record.state, record.detail
+    installed = state in (State.INSTALLED, State.INSTALLED_WEAK)
+    if installed and not files_present(root, record):
+        detail = "installed files were missing; state repaired"
+        log.warning(
+            "state repaired", module=record.name, kver=record.kernel, files=list(record.files)
+        )
+        record = db.put(
+            Record(
+                record.name, record.version, record.kernel, record.arch, State.ADDED, detail=detail
+            )
+        )
+        state = State.ADDED
+    return Line(
+        record.name,
+        record.version,
+        record.kernel,
+        record.arch,
+        state,
+        record.weak_from if state is State.INSTALLED_WEAK else None,
+        record.log,
+        detail,
+    )

@@ -1,0 +1,189 @@
+"""kmodd's state in SQLite (WAL): sources, and per (source, kernel) what was done.
+
+The files on disk are the truth; this is the memory of how they got there (which build,
+which log, why it failed). `kmodd.reconcile` repairs rows that disagree with the disk.
+Writers hold `lock()`: the service and an in-process kmodctl never write at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmodd.errors import KmoddError
+from kmodd.paths import Root
+from kmodd.state import State
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources (
+    name TEXT NOT NULL, version TEXT NOT NULL, path TEXT NOT NULL,
+    adopted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS records (
+    name TEXT NOT NULL, version TEXT NOT NULL, kernel TEXT NOT NULL, arch TEXT NOT NULL,
+    state TEXT NOT NULL, weak_from TEXT, log TEXT, detail TEXT, files TEXT NOT NULL DEFAULT '[]',
+    remake_initrd INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL,
+    PRIMARY KEY (name, version, kernel, arch));
+"""
+
+
+class StoreError(KmoddError):
+    dbus_name = "io.kmodd1.Error.State"
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class Record:
+    """What kmodd did, or could not do, for one module source and one kernel."""
+
+    name: str
+    version: str
+    kernel: str
+    arch: str
+    state: State
+    weak_from: str | None = None
+    log: str | None = None
+    detail: str | None = None
+    files: tuple[str, ...] = ()
+    """Installed files and weak links, as paths inside the root (`/lib/modules/...`)."""
+    remake_initrd: bool = False
+    updated: float = 0.0
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{path}: state schema {version} is newer than this kmodd")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{path}: cannot open kmodd's state: {err}") from err
+
+    @classmethod
+    def open(cls, root: Root) -> Store:
+        return cls(root.state_dir / "state.db")
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # sources ------------------------------------------------------------------------
+
+    def add_source(self, name: str, version: str, path: str) -> None:
+        self._db.execute(
+            "INSERT INTO sources (name, version, path) VALUES (?, ?, ?) "
+            "ON CONFLICT (name, version) DO UPDATE SET path = excluded.path",
+            (name, version, path),
+        )
+
+    def remove_source(self, name: str, version: str) -> None:
+        self._db.execute("DELETE FROM sources WHERE name = ? AND version = ?", (name, version))
+
+    def set_adopted(self, name: str) -> int:
+        return self._db.execute("UPDATE sources SET adopted = 1 WHERE name = ?", (name,)).rowcount
+
+    def adopted(self, name: str) -> bool:
+        row = self._db.execute("SELECT MAX(adopted) FROM sources WHERE name = ?", (name,))
+        return bool(row.fetchone()[0])
+
+    # records ------------------------------------------------------------------------
+
+    def put(self, record: Record) -> Record:
+        stamped = Record(**{**record.__dict__, "updated": time.time()})
+        self._db.execute(
+            "INSERT OR REPLACE INTO records (name, version, kernel, arch, state, weak_from, "
+            "log, detail, files, remake_initrd, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                stamped.name,
+                stamped.version,
+                stamped.kernel,
+                stamped.arch,
+                stamped.state.value,
+                stamped.weak_from,
+                stamped.log,
+                stamped.detail,
+                json.dumps(list(stamped.files)),
+                int(stamped.remake_initrd),
+                stamped.updated,
+            ),
+        )
+        return stamped
+
+    def delete(self, name: str, version: str, kernel: str) -> None:
+        self._db.execute(
+            "DELETE FROM records WHERE name = ? AND version = ? AND kernel = ?",
+            (name, version, kernel),
+        )
+
+    def delete_kernel(self, kernel: str) -> None:
+        self._db.execute("DELETE FROM records WHERE kernel = ?", (kernel,))
+
+    def records(self, *, name: str | None = None, kernel: str | None = None) -> list[Record]:
+        query = "SELECT * FROM records WHERE (? IS NULL OR name = ?) AND (? IS NULL OR kernel = ?)"
+        rows = self._db.execute(
+            query + " ORDER BY name, version, kernel", (name, name, kernel, kernel)
+        )
+        return [_record(row) for row in rows]
+
+    def record(self, name: str, version: str, kernel: str) -> Record | None:
+        rows = self._db.execute(
+            "SELECT * FROM records WHERE name = ? AND version = ? AND kernel = ?",
+            (name, version, kernel),
+        ).fetchall()
+        return _record(rows[0]) if rows else None
+
+
+def _record(row: tuple[object, ...]) -> Record:
+    name, version, kernel, arch, state, weak_from, log, detail, files, remake, updated = row
+    return Record(
+        str(name),
+        str(version),
+        str(kernel),
+        str(arch),
+        State(str(state)),
+        None if weak_from is None else str(weak_from),
+        None if log is None else str(log),
+        None if detail is None else str(detail),
+        tuple(json.loads(str(files))),
+        bool(remake),
+        float(str(updated)),
+    )
+
+
+@contextmanager
+def lock(root: Root, *, wait: bool = True) -> Iterator[None]:
+    """The writers' lock (`/var/lib/kmodd/lock`): one writer at a time, process-wide."""
+    root.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{root.state_dir / 'lock'}: another kmodd is writing") from None
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,186 @@
+"""`kmodctl autoinstall` end to end in a temporary root: real Debian dkms packages and
+sources written here, real make against real headers, real depmod and modinfo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kmodd import modfile
+from tests.conftest import K111, K113, install_headers, require_tool
+from tests.debs import unpack_dkms_package
+from tests.sources import write_source
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def kmodctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+
+
+def make_system(root: Path, kernels: tuple[str, ...]) -> Path:
+    """A Debian-like root: os-release, the kernels with full headers, a recording
+    update-initramfs (a busybox script run through chroot) and an initrd per kernel."""
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    shutil.copy("/etc/os-release", root / "etc/os-release")
+    for kver in kernels:
+        install_headers(root, kver, full=True)
+        (root / "boot").mkdir(exist_ok=True)
+        (root / f"boot/initrd.img-{kver}").write_bytes(b"old initrd")
+    (root / "bin").mkdir(exist_ok=True)
+    shutil.copy(BUSYBOX, root / "bin/busybox")
+    generator = root / "usr/sbin/update-initramfs"
+    generator.parent.mkdir(parents=True, exist_ok=True)
+    generator.write_text('#!/bin/busybox sh\necho "$@" >> /initrd-calls\n')
+    generator.chmod(0o755)
+    return root
+
+
+def initrd_calls(root: Path) -> list[str]:
+    calls = root / "initrd-calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def status_json(root: Path, *args: str) -> dict[tuple[str, str], dict[str, object]]:
+    proc = kmodctl(root, "status", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return {(s["module"], s["kernel"]): s for s in json.loads(proc.stdout)}
+
+
+@dataclass
+class Scenario:
+    root: Path
+    first: subprocess.CompletedProcess[str]
+    second: subprocess.CompletedProcess[str]
+    acpi_call: Path
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    """Five sources on 6.12.111, then 6.12.113 arrives."""
+    require_tool("make")
+    root = make_system(tmp_path_factory.mktemp("system") / "root", (K111, K113))
+    acpi = unpack_dkms_package("acpi-call-dkms", root)
+    unpack_dkms_package("v4l2loopback-dkms", root)
+    for name in ("kmt-base", "kmt-pair", "kmt-misc", "kmt-excl"):
+        write_source(root, name)
+    first = kmodctl(root, "autoinstall", "-k", K111)
+    second = kmodctl(root, "autoinstall", "-k", K113)
+    yield Scenario(root, first, second, acpi)
+
+
+def test_a_failing_build_is_recorded_and_the_others_install(scenario: Scenario) -> None:
+    first = scenario.first
+    assert first.returncode == 7, first.stdout + first.stderr
+    assert "Traceback" not in first.stderr
+    states = status_json(scenario.root, "-k", K111)
+    v4l2 = states[("v4l2loopback", K111)]
+    assert v4l2["state"] == "failed"
+    log = Path(str(v4l2["log"]))
+    assert log.is_file() and "error" in log.read_text().lower()
+    assert re.search(rf"v4l2loopback/0\.12\.7, {re.escape(K111)}: build: .*\(log: ", first.stdout)
+    for name in ("acpi-call", "kmt-base", "kmt-pair", "kmt-misc"):
+        assert states[(name, K111)]["state"] == "installed", (name, states)
+    assert states[("kmt-excl", K111)]["state"] == "excluded"
+
+
+def test_installed_modules_carry_the_kernels_vermagic(scenario: Scenario) -> None:
+    modinfo = require_tool("modinfo")
+    updates = scenario.root / "lib/modules" / K111 / "updates/dkms"
+    installed = sorted(p.name for p in updates.iterdir())
+    assert installed == [
+        "acpi_call.ko.xz",
+        "kmt_misc.ko.xz",
+        "kmt_pkga.ko.xz",
+        "kmt_pkgb.ko.xz",
+        "kmt_simple.ko.xz",
+    ]
+    for path in updates.iterdir():
+        magic = subprocess.run(
+            [modinfo, "-F", "vermagic", path], capture_output=True, text=True, check=True
+        ).stdout
+        assert magic.startswith(f"{K111} SMP preempt mod_unload modversions"), path
+    patched = subprocess.run(
+        [modinfo, "-F", "version", updates / "kmt_misc.ko.xz"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert patched.strip() == "1.0-patched"
+    log = scenario.root / f"var/lib/kmodd/builds/kmt-misc/1.0/{K111}/x86_64/make.log"
+    assert "post-build built" in log.read_text()
+    deps = (scenario.root / "lib/modules" / K111 / "modules.dep").read_text().splitlines()
+    assert sorted(line.split(":")[0] for line in deps) == [f"updates/dkms/{n}" for n in installed]
+    assert "updates/dkms/kmt_pkgb.ko.xz: updates/dkms/kmt_pkga.ko.xz" in deps
+
+
+def test_depmod_finds_every_symbol_over_the_whole_root(scenario: Scenario) -> None:
+    depmod = require_tool("depmod")
+    for kver in (K111, K113):
+        symvers = scenario.root / f"usr/src/linux-headers-{kver}/Module.symvers"
+        proc = subprocess.run(
+            [depmod, "-n", "-e", "-E", symvers, "-b", scenario.root, kver],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        bad = [line for line in proc.stderr.splitlines() if "symbol" in line]
+        assert not bad, bad
+
+
+def test_the_new_kernel_weak_links_what_is_reusable_and_rebuilds_the_rest(
+    scenario: Scenario,
+) -> None:
+    second = scenario.second
+    assert second.returncode == 7, second.stdout + second.stderr  # v4l2loopback again
+    states = status_json(scenario.root, "-k", K113)
+    for name in ("kmt-base", "kmt-pair"):
+        assert states[(name, K113)]["state"] == "installed-weak"
+        assert states[(name, K113)]["weak_from"] == K111
+    assert states[("kmt-misc", K113)]["state"] == "installed"
+    weak = scenario.root / "lib/modules" / K113 / "weak-updates"
+    link = weak / "kmt-pair/kmt_pkgb.ko.xz"
+    assert link.is_symlink() and not link.readlink().is_absolute()
+    assert link.resolve() == (scenario.root / "lib/modules" / K111 / "updates/dkms/kmt_pkgb.ko.xz")
+    # acpi_call: whatever was decided agrees with `kmodctl check` on the K111 build
+    acpi = scenario.root / "lib/modules" / K111 / "updates/dkms/acpi_call.ko.xz"
+    verdict = kmodctl(scenario.root, "check", "-k", K113, os.fspath(acpi))
+    expected = "installed-weak" if verdict.returncode == 0 else "installed"
+    assert states[("acpi-call", K113)]["state"] == expected
+    rebuilt = scenario.root / "lib/modules" / K113 / "updates/dkms/kmt_misc.ko.xz"
+    assert modfile.read(rebuilt).vermagic.startswith(K113 + " ")
+
+
+def test_status_speaks_dkms(scenario: Scenario) -> None:
+    proc = kmodctl(scenario.root, "status")
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert f"kmt-pair/1.0, {K113}, x86_64: installed-weak (from {K111})" in lines
+    assert f"kmt-misc/1.0, {K113}, x86_64: installed" in lines
+    assert any(
+        line.startswith(f"v4l2loopback/0.12.7, {K113}, x86_64: failed (log: /") for line in lines
+    )
+    assert any(line.startswith(f"kmt-excl/1.0, {K111}, x86_64: excluded") for line in lines)
+
+
+def test_remake_initrd_only_when_such_a_module_changed(scenario: Scenario) -> None:
+    calls = initrd_calls(scenario.root)
+    assert calls == [f"-u -k {K111}", f"-u -k {K113}"]
+    again = kmodctl(scenario.root, "autoinstall", "-k", K113)
+    assert "kmt-base/1.0" in again.stdout and "up-to-date" in again.stdout
+    assert initrd_calls(scenario.root) == calls, "nothing changed: no new initrd"

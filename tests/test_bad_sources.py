@@ -1,0 +1,91 @@
+"""Broken sources: each gets one clear error naming its file and directive, the good
+source beside them still installs, and nothing is written outside the kernel's
+updates/ and weak-updates/ dirs and kmodd's own state."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.conftest import K113, require_tool
+from tests.sources import write_source
+from tests.test_autoinstall import kmodctl, make_system
+
+SIMPLE = ("kmt_simple",)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    found = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(("linux-headers-", "linux-kbuild-"))]
+        for name in files:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            found[os.fspath(path.relative_to(root))] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
+def allowed(path: str) -> bool:
+    kernel_dir = f"lib/modules/{K113}/"
+    if path == "initrd-calls":  # the recording initrd generator (kmt-base is REMAKE_INITRD)
+        return True
+    if path.startswith(("var/lib/kmodd/", kernel_dir + "updates/", kernel_dir + "weak-updates/")):
+        return True
+    return path.startswith(kernel_dir + "modules.")  # depmod's indices
+
+
+def test_each_broken_source_fails_alone_with_a_named_error(tmp_path: Path) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    write_source(root, "kmt-base")
+    write_source(
+        root,
+        "kmt-dotdot",
+        modules=SIMPLE,
+        extra='AUTOINSTALL=yes\nDEST_MODULE_LOCATION[0]="/updates/../../etc"\n',
+    )
+    write_source(root, "kmt-loop", modules=SIMPLE, extra="AUTOINSTALL=yes\nwhile :; do :; done\n")
+    write_source(root, "kmt-syntax", modules=SIMPLE, extra="AUTOINSTALL=yes\nif then fi (\n")
+    write_source(
+        root,
+        "kmt-noko",
+        modules=SIMPLE,
+        extra='AUTOINSTALL=yes\nBUILT_MODULE_NAME[0]="kmt_absent"\n',
+    )
+    vanish = write_source(
+        root, "kmt-vanish", modules=("kmt_pkga",), extra='AUTOINSTALL=yes\nPRE_BUILD="gone"\n'
+    )
+    (vanish / "gone").write_text(f"#!/bin/sh\nrm -rf {vanish}\n")
+    (vanish / "gone").chmod(0o755)
+    before = snapshot(root)
+
+    proc = kmodctl(root, "autoinstall", "-k", K113)
+
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    states = {s["module"]: s for s in json.loads(kmodctl(root, "status", "--json").stdout)}
+    assert states["kmt-base"]["state"] == "installed"
+    # the private build copy finishes although the source dir vanished under it
+    assert states["kmt-vanish"]["state"] == "installed"
+    conf = os.fspath(root) + "/usr/src/{}-1.0/dkms.conf"
+    expected = {
+        "kmt-dotdot": f"{conf.format('kmt-dotdot')}: DEST_MODULE_LOCATION[0]:",
+        "kmt-loop": f"{conf.format('kmt-loop')}: ",
+        "kmt-syntax": f"{conf.format('kmt-syntax')}: ",
+        "kmt-noko": f"{conf.format('kmt-noko')}: BUILT_MODULE_NAME[0]: make produced no "
+        "kmt_absent.ko",
+    }
+    for name, start in expected.items():
+        detail = str(states[name]["detail"])
+        assert states[name]["state"] == "failed", name
+        assert detail.startswith(start) and "\n" not in detail, (name, detail)
+    assert "10 s" in str(states["kmt-loop"]["detail"])
+    assert "syntax error" in str(states["kmt-syntax"]["detail"])
+    assert states["kmt-noko"]["log"] and Path(str(states["kmt-noko"]["log"])).is_file()
+
+    after = snapshot(root)
+    touched = {p for p in after if before.get(p) != after[p]} | (before.keys() - after.keys())
+    touched -= {p for p in before if p.startswith("usr/src/kmt-vanish-1.0/")}
+    assert not [p for p in touched if not allowed(p)], sorted(touched)
+    assert not (root / "etc" / "kmt_simple.ko.xz").exists()
