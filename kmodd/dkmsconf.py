@@ -1,20 +1,17 @@
-"""dkms.conf, read as DKMS reads it: sourced by bash, for one kernel and arch.
+"""dkms.conf, read as DKMS reads it: sourced by bash (extglob on) for one kernel and arch.
 
-A dkms.conf is a bash script, trusted as DKMS trusts it: it runs with the source
-directory as its working directory and may run commands; kmodd does not sandbox it.
-It does get a timeout (the whole process group is killed), a minimal environment, and
-only the known directives come back, NUL-separated, so values keep their spaces, quotes
-and newlines. DKMS's overrides are sourced after it, in DKMS's order of specificity:
-`/etc/dkms/NAME.conf`, `NAME-VERSION.conf`, `NAME-VERSION-KVER.conf`,
-`NAME-VERSION-KVER-ARCH.conf`, `NAME--KVER.conf`, `NAME--KVER-ARCH.conf` (NAME and
-VERSION as dkms.conf set them).
+dkms.conf is trusted as DKMS trusts it: it runs in the source dir and may run commands;
+kmodd does not sandbox it. It gets a timeout (its process group is killed), a minimal
+environment, and only the known directives come back, NUL-separated, so values keep
+spaces, quotes and newlines. Then DKMS's overrides, in its order: /etc/dkms/NAME.conf,
+NAME-VERSION.conf, NAME-VERSION-KVER.conf, NAME-VERSION-KVER-ARCH.conf, NAME--KVER.conf,
+NAME--KVER-ARCH.conf (NAME, VERSION as dkms.conf set them).
 
-Semantics follow DKMS 3.x's `read_conf`: MAKE[0] applies unless MAKE_MATCH[0] is set
-and the last MAKE[i] whose MAKE_MATCH[i] matches wins; PATCH[i] applies when
-PATCH_MATCH[i] is empty or matches; STRIP[i] defaults to STRIP[0], which defaults to
-yes; BUILT_MODULE_NAME defaults to PACKAGE_NAME when there is exactly one module;
-DEST_MODULE_NAME defaults to BUILT_MODULE_NAME; BUILD_EXCLUSIVE_KERNEL_MIN/MAX compare
-with DKMS's VER() padding. Regexes are POSIX EREs searched as bash's `=~` does.
+As DKMS 3.x's read_conf: MAKE[0] applies unless MAKE_MATCH[0] is set, and the last MAKE[i]
+whose MAKE_MATCH[i] matches wins; PATCH[i] applies when PATCH_MATCH[i] is empty or matches;
+STRIP[i] defaults to STRIP[0], which defaults to yes; BUILT_MODULE_NAME defaults to
+PACKAGE_NAME for a single module; BUILD_EXCLUSIVE_KERNEL_MIN/MAX compare by DKMS's VER().
+Regexes are POSIX EREs searched as bash's `=~` does.
 """
 
 from __future__ import annotations
@@ -314,11 +311,13 @@ def _build(c: _Conf, *, kernel: str, arch: str) -> SourceConfig:
             raise c.error(directive, "missing")
         if "/" in value or value in (".", ".."):
             raise c.error(directive, f"{value!r} cannot be a directory name")
-    for directive in ("MAKE_MATCH", "PATCH_MATCH"):
-        for i in c.indices(directive):
-            _regex(c, directive, c.get(directive, i), i)
-    for directive in ("BUILD_EXCLUSIVE_KERNEL", "BUILD_EXCLUSIVE_ARCH"):
-        _regex(c, directive, c.get(directive))
+    regexes: list[tuple[str, int | None]] = [("BUILD_EXCLUSIVE_KERNEL", None)]
+    regexes += [
+        ("BUILD_EXCLUSIVE_ARCH", None),
+        *((d, i) for d in ("MAKE_MATCH", "PATCH_MATCH") for i in c.indices(d)),
+    ]
+    for directive, index in regexes:
+        _regex(c, directive, c.get(directive, index or 0), index)
     make = c.get("MAKE") if not c.get("MAKE_MATCH") else ""
     for i in c.indices("MAKE"):
         pattern = c.get("MAKE_MATCH", i)
@@ -331,9 +330,7 @@ def _build(c: _Conf, *, kernel: str, arch: str) -> SourceConfig:
             _relative(c, "PATCH", patch, i)
             if not pattern or _ere(pattern).search(kernel):
                 patches.append(patch)
-    hooks = {}
-    for directive in ("PRE_BUILD", "POST_BUILD", "PRE_INSTALL", "POST_INSTALL"):
-        hooks[directive] = _hook(c, directive)
+    hooks = {d: _hook(c, d) for d in DIRECTIVES if d.startswith(("PRE_", "POST_"))}
     config_words = tuple(c.get("BUILD_EXCLUSIVE_CONFIG").split())
     for word in config_words:
         if not _CONFIG_WORD.fullmatch(word):
@@ -353,15 +350,15 @@ def _build(c: _Conf, *, kernel: str, arch: str) -> SourceConfig:
         post_build=hooks["POST_BUILD"],
         pre_install=hooks["PRE_INSTALL"],
         post_install=hooks["POST_INSTALL"],
-        post_add=_hook(c, "POST_ADD"),
-        post_remove=_hook(c, "POST_REMOVE"),
+        post_add=hooks["POST_ADD"],
+        post_remove=hooks["POST_REMOVE"],
         autoinstall=_bool(c, "AUTOINSTALL"),
         build_depends=tuple(
             v for i in c.indices("BUILD_DEPENDS") if (v := c.get("BUILD_DEPENDS", i))
         ),
         build_exclusive_kernel=c.get("BUILD_EXCLUSIVE_KERNEL") or None,
-        build_exclusive_kernel_min=c.get("BUILD_EXCLUSIVE_KERNEL_MIN") or None,
-        build_exclusive_kernel_max=c.get("BUILD_EXCLUSIVE_KERNEL_MAX") or None,
+        build_exclusive_kernel_min=c.get("BUILD_EXCLUSIVE_KERNEL_MIN").strip() or None,
+        build_exclusive_kernel_max=c.get("BUILD_EXCLUSIVE_KERNEL_MAX").strip() or None,
         build_exclusive_arch=c.get("BUILD_EXCLUSIVE_ARCH") or None,
         build_exclusive_config=config_words,
         remake_initrd=_bool(c, "REMAKE_INITRD"),
@@ -370,8 +367,7 @@ def _build(c: _Conf, *, kernel: str, arch: str) -> SourceConfig:
 
 
 def _modules(c: _Conf, package: str) -> tuple[ModuleSpec, ...]:
-    family = _MODULE_FAMILY
-    count = max((max(c.indices(d), default=-1) + 1 for d in family), default=0)
+    count = max(max(c.indices(d), default=-1) + 1 for d in _MODULE_FAMILY)
     if count == 0:
         raise c.error("BUILT_MODULE_NAME", "no modules (neither it nor DEST_MODULE_LOCATION set)")
     default_strip = _bool(c, "STRIP", default=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kmodd import modfile
-from tests.conftest import K111, K113, install_headers, require_tool
+from tests.conftest import K56, K111, K113, install_headers, require_tool
 from tests.debs import unpack_dkms_package
 from tests.sources import write_source
 
@@ -184,3 +184,72 @@ def test_remake_initrd_only_when_such_a_module_changed(scenario: Scenario) -> No
     again = kmodctl(scenario.root, "autoinstall", "-k", K113)
     assert "kmt-base/1.0" in again.stdout and "up-to-date" in again.stdout
     assert initrd_calls(scenario.root) == calls, "nothing changed: no new initrd"
+
+
+def dangling_links(root: Path) -> list[Path]:
+    return [p for p in (root / "lib/modules").rglob("*") if p.is_symlink() and not p.exists()]
+
+
+def test_uninstall_and_kernel_removal_leave_no_dangling_links(tmp_path: Path) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111, K113))
+    for name in ("kmt-base", "kmt-pair"):
+        write_source(root, name)
+    assert kmodctl(root, "autoinstall", "-k", K111).returncode == 0
+    assert kmodctl(root, "autoinstall", "-k", K113).returncode == 0
+    states = status_json(root)
+    assert states[("kmt-pair", K113)]["state"] == "installed-weak"
+
+    # uninstalling the build K113 links to: K113 gets a build of its own
+    proc = kmodctl(root, "uninstall", "-m", "kmt-pair", "-k", K111)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not dangling_links(root)
+    states = status_json(root)
+    assert states[("kmt-pair", K111)]["state"] == "added"
+    assert states[("kmt-pair", K113)]["state"] == "installed"
+    assert not (root / "lib/modules" / K111 / "updates/dkms/kmt_pkga.ko.xz").exists()
+    again = kmodctl(root, "uninstall", "-m", "kmt-pair", "-k", K111)
+    assert again.returncode == 0, "uninstalling what is not installed is success"
+
+    # removing K111: what K113 weak-linked into it is rebuilt first
+    calls = initrd_calls(root)
+    proc = kmodctl(root, "remove-kernel", K111, "--no-initrd")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not dangling_links(root)
+    states = status_json(root)
+    assert states[("kmt-base", K113)]["state"] == "installed"
+    assert states[("kmt-base", K111)]["state"] == "added"
+    assert not list((root / "lib/modules" / K111).glob("updates/**/*.ko*"))
+    assert initrd_calls(root) == calls, "--no-initrd: the initrd is left alone"
+    magic = modfile.read(root / "lib/modules" / K113 / "updates/dkms/kmt_simple.ko.xz").vermagic
+    assert magic.startswith(K113 + " ")
+
+
+def test_a_6_1_kernel_gets_uncompressed_modules(tmp_path: Path) -> None:
+    """Debian's 6.1 kernels do not compress modules; 6.12's use xz."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K56,))
+    unpack_dkms_package("acpi-call-dkms", root)
+    write_source(root, "kmt-base")
+    proc = kmodctl(root, "autoinstall", "-k", K56)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    updates = root / "lib/modules" / K56 / "updates/dkms"
+    assert sorted(p.name for p in updates.iterdir()) == ["acpi_call.ko", "kmt_simple.ko"]
+    for path in updates.iterdir():
+        assert modfile.read(path).vermagic.startswith(K56 + " ")
+
+
+def test_build_and_install_commands(tmp_path: Path) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    write_source(root, "kmt-misc")
+    built = kmodctl(root, "build", "-m", "kmt-misc/1.0", "-k", K113)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert status_json(root)[("kmt-misc", K113)]["state"] == "built"
+    assert not (root / "lib/modules" / K113 / "updates").exists()
+    installed = kmodctl(root, "install", "-m", "kmt-misc", "-k", K113)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert status_json(root)[("kmt-misc", K113)]["state"] == "installed"
+    missing = kmodctl(root, "install", "-m", "no-such-source", "-k", K113)
+    assert missing.returncode == 4
+    assert missing.stderr == "kmodctl: no module source no-such-source in /usr/src\n"

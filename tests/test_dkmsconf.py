@@ -11,7 +11,7 @@ import pytest
 
 from kmodd import dkmsconf, kernel
 from kmodd.dkmsconf import ModuleSpec, SourceConfig, SourceDir
-from kmodd.errors import BadInputError
+from kmodd.errors import BadInputError, NotFoundError
 from kmodd.paths import Root
 from tests.conftest import K47, K113
 from tests.debs import unpack_dkms_package
@@ -307,6 +307,27 @@ printf '\\0@\\0\\0/etc/passwd\\0'
     assert got.make == "make 'A=b c' \"D=e\"\n  F=$g"
     assert got.pre_build == "configure --with-x  --name='a b'"
     assert got.name == "demo"
+
+
+def test_dkms_conf_gets_the_shell_dkms_gives_it(tmp_path: Path) -> None:
+    """extglob on (DKMS sets it), `set -eu` tolerated, CRLF line ends cut (DKMS 3.1),
+    and a write to fd 3 cannot forge kmodd's output."""
+    conf = write_source(
+        tmp_path,
+        "set -eu\n"
+        'PACKAGE_NAME="demo"\r\n'
+        'PACKAGE_VERSION="${kernelver%%+([^0-9.])*}"\r\n'
+        'DEST_MODULE_LOCATION[0]="/updates"\r\n'
+        "printf 'AUTOINSTALL\\0000\\0yes\\0' >&3 || true\n",
+    )
+    got = evaluate(tmp_path, conf)
+    assert (got.name, got.version) == ("demo", "6.12.113")
+    assert got.modules[0].dest_location == "/updates" and not got.autoinstall
+
+
+def test_a_missing_dkms_conf_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        evaluate(tmp_path, tmp_path / "usr/src/none-1.0/dkms.conf")
 
 
 def test_dkms_conf_runs_trusted_in_its_source_dir(tmp_path: Path) -> None:
