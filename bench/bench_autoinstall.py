@@ -22,13 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
 
-from tests.debs import unpack_dkms_package
-
 from tests.conftest import K111, K113, install_headers
+from tests.debs import unpack_dkms_package
 from tests.sources import write_source
 
 BUILD_SOURCES = ("kmt-base", "kmt-pair", "kmt-misc")
 REUSABLE_SOURCES = ("kmt-base", "kmt-pair")
+
+
+MOK_KEY, MOK_CERT = Path("/var/lib/dkms/mok.key"), Path("/var/lib/dkms/mok.pub")
 
 
 def make_tree(base: Path, sources: tuple[str, ...], with_acpi: bool) -> Path:
@@ -42,6 +44,40 @@ def make_tree(base: Path, sources: tuple[str, ...], with_acpi: bool) -> Path:
     if with_acpi:
         unpack_dkms_package("acpi-call-dkms", root)
     return root
+
+
+def register_with_dkms(root: Path) -> None:
+    """`dkms add` every source (untimed: kmodd finds /usr/src by itself)."""
+    (root / "var/lib/dkms").mkdir(parents=True)
+    for src in sorted((root / "usr/src").glob("*/dkms.conf")):
+        name, _, version = src.parent.name.rpartition("-")
+        subprocess.run(
+            ["dkms", "add", "-m", name, "-v", version, *dkms_trees(root)],
+            capture_output=True,
+            check=True,
+        )
+
+
+def sign_like_dkms(root: Path) -> None:
+    """DKMS signs with its MOK key (made on first use): give kmodd the same key."""
+    if MOK_KEY.exists() and MOK_CERT.exists():
+        (root / "etc/kmodd").mkdir(parents=True)
+        shutil.copy(MOK_KEY, root / "etc/kmodd/mok.key")
+        shutil.copy(MOK_CERT, root / "etc/kmodd/mok.pub")
+        (root / "etc/kmodd/kmodd.conf").write_text(
+            "sign_key = /etc/kmodd/mok.key\nsign_cert = /etc/kmodd/mok.pub\n"
+        )
+
+
+def dkms_trees(root: Path) -> list[str]:
+    return [
+        "--sourcetree",
+        os.fspath(root / "usr/src"),
+        "--dkmstree",
+        os.fspath(root / "var/lib/dkms"),
+        "--installtree",
+        os.fspath(root / "lib/modules"),
+    ]
 
 
 def timed(argv: list[str]) -> float:
@@ -70,20 +106,7 @@ def kmodd(root: Path, kver: str) -> float:
 
 
 def dkms(root: Path, kver: str) -> float:
-    return timed(
-        [
-            "dkms",
-            "autoinstall",
-            "-k",
-            kver,
-            "--sourcetree",
-            os.fspath(root / "usr/src"),
-            "--dkmstree",
-            os.fspath(root / "var/lib/dkms"),
-            "--installtree",
-            os.fspath(root / "lib/modules"),
-        ]
-    )
+    return timed(["dkms", "autoinstall", "-k", kver, *dkms_trees(root)])
 
 
 def case(name: str, sources: tuple[str, ...], with_acpi: bool) -> None:
@@ -92,6 +115,8 @@ def case(name: str, sources: tuple[str, ...], with_acpi: bool) -> None:
             make_tree(Path(a), sources, with_acpi),
             make_tree(Path(b), sources, with_acpi),
         )
+        register_with_dkms(d_root)
+        sign_like_dkms(k_root)
         listed = ", ".join(sources + (("acpi-call",) if with_acpi else ()))
         print(f"{name}: sources {listed}")
         if name == "build":
@@ -100,11 +125,15 @@ def case(name: str, sources: tuple[str, ...], with_acpi: bool) -> None:
             kmodd(k_root, K111)
             dkms(d_root, K111)
             k, d = kmodd(k_root, K113), dkms(d_root, K113)
-        print(f"  kmodctl autoinstall {k:6.2f} s   dkms autoinstall {d:6.2f} s   ratio {k / d:.2f}")
+        built = sorted(p.name for p in (d_root / "lib/modules").rglob("*.ko*"))
+        print(
+            f"  kmodctl autoinstall {k:6.2f} s   dkms autoinstall {d:6.2f} s   ratio {k / d:.2f}"
+            f"   (dkms installed {len(built)} files)"
+        )
 
 
 def main() -> None:
-    print(f"machine: {os.cpu_count()} CPUs; kernels {K111} then {K113}")
+    print(f"machine: {os.cpu_count()} CPUs; kernels {K111} then {K113}; both sign modules")
     case("build", BUILD_SOURCES, with_acpi=True)
     case("reusable", REUSABLE_SOURCES, with_acpi=False)
 

@@ -164,3 +164,22 @@ def adopt(root: Root, name: str, options: Options) -> list[Outcome]:
         if release in kernel.installed_releases(root):
             outcomes += autoinstall(root, release, _only(options, source.name))
     return outcomes
+
+
+def forget_source(root: Root, name: str) -> list[str]:
+    """The source NAME left /usr/src: remove what kmodd installed of it, everywhere.
+    Returns the kernels whose trees changed (depmod has run for each)."""
+    with store.lock(root):
+        db = Store.open(root)
+        try:
+            changed = sorted({r.kernel for r in db.records(name=name) if r.files})
+            for r in db.records(name=name):
+                install.remove_files(root, list(r.files))
+                db.delete(r.name, r.version, r.kernel)
+        finally:
+            db.close()
+    installed = set(kernel.installed_releases(root))
+    for release in changed:
+        if release in installed:
+            install.depmod(root, release)
+    return changed

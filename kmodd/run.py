@@ -7,6 +7,7 @@ the command, its exit status and the tail of its stderr.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -26,6 +27,15 @@ BASE_ENV = {
     "LANG": "C.UTF-8",
 }
 _TAIL_CHARS = 4000
+_running: set[int] = set()
+"""Process groups started and not yet reaped: what `terminate_all` kills."""
+
+
+def terminate_all() -> None:
+    """Kill every process group `run` has started (the service's shutdown)."""
+    for pgid in list(_running):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def run(
@@ -78,6 +88,7 @@ def _run(
             stderr=stderr,
             start_new_session=True,
         ) as proc:
+            _running.add(proc.pid)
             try:
                 out, err = proc.communicate(input, timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -87,6 +98,8 @@ def _run(
             except BaseException:
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise
+            finally:
+                _running.discard(proc.pid)
     except FileNotFoundError as err:
         raise CommandError(args, 127, f"{args[0]}: command not found") from err
     return subprocess.CompletedProcess(args, proc.returncode, out or b"", err or b"")

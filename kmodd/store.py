@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -174,16 +175,37 @@ def _record(row: tuple[object, ...]) -> Record:
     )
 
 
+_held: dict[Path, int] = {}
+_held_guard = threading.Lock()
+
+
 @contextmanager
 def lock(root: Root, *, wait: bool = True) -> Iterator[None]:
-    """The writers' lock (`/var/lib/kmodd/lock`): one writer at a time, process-wide."""
-    root.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """The writers' lock (`/var/lib/kmodd/lock`): one writing process at a time.
+
+    Re-entrant within a process: the service takes it once for its lifetime, and the
+    jobs it runs in threads pass through."""
+    path = root.state_dir / "lock"
+    with _held_guard:
+        if _held.get(path):
+            _held[path] += 1
+            fd = None
+        else:
+            root.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    raise StoreError(f"{path}: another kmodd is writing") from None
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            _held[path] = 1
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{root.state_dir / 'lock'}: another kmodd is writing") from None
         yield
     finally:
-        os.close(fd)
+        with _held_guard:
+            _held[path] -= 1
+            if fd is not None:
+                del _held[path]
+                os.close(fd)

@@ -1,0 +1,264 @@
+"""The service's core: the job queue and its scheduler, and the calls the edges (D-Bus,
+the watcher) make. Knows nothing of transports; the edges subscribe to its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import structlog
+
+from kmodd import dkmsconf, kernel, manage, status
+from kmodd.autoinstall import Options, Outcome, autoinstall
+from kmodd.errors import KmoddError, NotFoundError
+from kmodd.paths import Root
+from kmodd.plan import Decision, plan_kernel
+from kmodd.queue import Job, JobKind, JobQueue, JobState, Priority
+from kmodd.store import Store
+
+log = structlog.get_logger(__name__)
+
+JobListener = Callable[[Job], None]
+ReadyListener = Callable[[str, bool], None]
+BusyListener = Callable[[list[str]], None]
+"""Called with the kernels that have work queued or running ([] when the queue drains)."""
+
+
+class Service:
+    def __init__(
+        self,
+        root: Root,
+        *,
+        concurrency: int = 2,
+        running_kernel: str | None = None,
+        build_jobs: int = os.cpu_count() or 1,
+    ) -> None:
+        self.root = root
+        self.concurrency = max(1, concurrency)
+        self.running_kernel = running_kernel
+        self.build_jobs = build_jobs
+        self.queue = JobQueue(root)
+        self.on_job: list[JobListener] = []
+        self.on_ready: list[ReadyListener] = []
+        self.on_busy: list[BusyListener] = []
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="job")
+        self._wake = asyncio.Event()
+        self._ready: dict[str, asyncio.Event] = {}
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._busy: list[str] = []
+        self._scheduler: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # life --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        recovered = self.queue.recover()
+        if recovered:
+            log.info("jobs recovered", jobs=[j.id for j in recovered])
+        if self.running_kernel and self.running_kernel in kernel.installed_releases(self.root):
+            self.add_kernel(self.running_kernel)  # boot-time autoinstall, first of all
+        self._scheduler = asyncio.create_task(self._schedule())
+        self._update_busy()
+
+    async def stop(self) -> None:
+        """Stop taking jobs; running ones are left `running` in the store, and so run
+        again at the next start (their files are old or new, never half-written)."""
+        self._stopping = True
+        if self._scheduler:
+            self._scheduler.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.queue.close()
+
+    # the calls the edges make ------------------------------------------------------------
+
+    def status(self, module: str | None = None, release: str | None = None) -> list[status.Line]:
+        db = Store.open(self.root)
+        try:
+            return status.status(self.root, db, name=module or None, release=release or None)
+        finally:
+            db.close()
+
+    def plan(self, release: str) -> list[Decision]:
+        k = kernel.find(self.root, release)
+        db = Store.open(self.root)
+        try:
+            return plan_kernel(self.root, db, k, dkmsconf.find_sources(self.root))
+        finally:
+            db.close()
+
+    def add_kernel(self, release: str) -> Job:
+        kernel.find(self.root, release)
+        return self._enqueue(JobKind.KERNEL, release)
+
+    def remove_kernel(self, release: str) -> Job:
+        return self._enqueue(JobKind.REMOVE_KERNEL, release)
+
+    def build(self, source: str, release: str) -> Job:
+        kernel.find(self.root, release)
+        manage.find_source(self.root, source)
+        return self._enqueue(JobKind.SOURCE, release, source)
+
+    def source_added(self, source: str) -> list[Job]:
+        return [
+            self._enqueue(JobKind.SOURCE, release, source)
+            for release in kernel.installed_releases(self.root)
+        ]
+
+    def source_removed(self, source: str) -> Job:
+        return self._enqueue(JobKind.REMOVE_SOURCE, "*", source)
+
+    def cancel(self, job_id: int) -> Job | None:
+        job = self.queue.cancel(job_id)
+        if job:
+            self._changed(job)
+            self._kernel_maybe_ready(job.kernel)
+        return job
+
+    def jobs(self) -> list[Job]:
+        return self.queue.recent()
+
+    def job(self, job_id: int) -> Job:
+        found = self.queue.find(job_id)
+        if found is None:
+            raise NotFoundError(f"no job {job_id}")
+        return found
+
+    def log(self, job_id: int) -> str:
+        """The job's outcomes, and the tail of the build log of each that failed."""
+        job = self.job(job_id)
+        lines = [f"job {job.id}: {job.kind} {job.source or ''} {job.kernel}: {job.state}"]
+        if job.detail:
+            lines.append(job.detail)
+        for o in json.loads(job.outcomes):
+            lines.append(f"{o['name']}/{o['version']}, {o['kernel']}: {o['action']}: {o['detail']}")
+            if o.get("log") and o.get("failed"):
+                tail = Path(o["log"]).read_text(errors="replace").splitlines()[-40:]
+                lines.extend("    " + t for t in tail)
+        return "\n".join(lines)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.queue.active())
+
+    async def wait(self, release: str, timeout: float) -> tuple[bool, list[Job]]:
+        """Until `release` has no job queued or running (True), or `timeout` (False)."""
+        if self.queue.active(release):
+            event = self._ready.setdefault(release, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except TimeoutError:
+                return False, self.queue.active(release)
+        return True, [j for j in self.queue.recent() if j.kernel == release][:10]
+
+    # scheduling ----------------------------------------------------------------------------
+
+    def _enqueue(self, kind: JobKind, release: str, source: str = "") -> Job:
+        job = self.queue.enqueue(kind, release, source, priority=self._priority(release))
+        self._ready.setdefault(release, asyncio.Event()).clear()
+        self._changed(job)
+        self._wake.set()
+        return job
+
+    def _priority(self, release: str) -> int:
+        if release == self.running_kernel:
+            return Priority.RUNNING_KERNEL
+        if release == default_kernel(self.root):
+            return Priority.DEFAULT_KERNEL
+        return Priority.OTHER
+
+    async def _schedule(self) -> None:
+        while not self._stopping:
+            while len(self._running) < self.concurrency:
+                job = self.queue.next_ready()
+                if job is None:
+                    break
+                job = self.queue.start(job)
+                self._changed(job)
+                self._running[job.id] = asyncio.create_task(self._run(job))
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _run(self, job: Job) -> None:
+        structlog.contextvars.bind_contextvars(job=job.id, kver=job.kernel)
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(self._pool, self._execute, job)
+        except KmoddError as err:
+            job = self.queue.finish(job, JobState.FAILED, str(err))
+        except Exception as err:  # a job's bug must not stop the service
+            log.exception("job crashed", job=job.id)
+            job = self.queue.finish(job, JobState.FAILED, f"internal error: {err}")
+        else:
+            failed = any(o.failed for o in outcomes)
+            doc = json.dumps(
+                [{**dataclasses.asdict(o), "failed": o.failed} for o in outcomes], default=str
+            )
+            state = JobState.FAILED if failed else JobState.DONE
+            detail = f"{sum(o.failed for o in outcomes)} failed" if failed else "done"
+            job = self.queue.finish(job, state, detail, doc)
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+        self._changed(job)
+        self._kernel_maybe_ready(job.kernel)
+
+    def _execute(self, job: Job) -> list[Outcome]:
+        options = Options(jobs=self.build_jobs)
+        if job.kind is JobKind.KERNEL:
+            return autoinstall(self.root, job.kernel, options)
+        if job.kind is JobKind.SOURCE:
+            return autoinstall(
+                self.root, job.kernel, dataclasses.replace(options, only=frozenset({job.source}))
+            )
+        if job.kind is JobKind.REMOVE_KERNEL:
+            return manage.remove_kernel(self.root, job.kernel, options)
+        manage.forget_source(self.root, job.source)
+        return []
+
+    # events --------------------------------------------------------------------------------
+
+    def _changed(self, job: Job) -> None:
+        log.info(
+            "job",
+            id=job.id,
+            kind=job.kind.value,
+            kver=job.kernel,
+            source=job.source,
+            state=job.state.value,
+        )
+        for listener in self.on_job:
+            listener(job)
+        self._update_busy()
+
+    def _kernel_maybe_ready(self, release: str) -> None:
+        if self.queue.active(release):
+            return
+        recent = [j for j in self.queue.recent(50) if j.kernel == release]
+        ok = not any(j.state is JobState.FAILED for j in recent[:1])
+        self._ready.setdefault(release, asyncio.Event()).set()
+        for listener in self.on_ready:
+            listener(release, ok)
+
+    def _update_busy(self) -> None:
+        busy = sorted({j.kernel for j in self.queue.active()})
+        if busy != self._busy:
+            self._busy = busy
+            for listener in self.on_busy:
+                listener(busy)
+
+
+def default_kernel(root: Root) -> str | None:
+    """The kernel the machine boots by default: /boot/vmlinuz or /vmlinuz's target."""
+    for link in (root.path("/boot/vmlinuz"), root.path("/vmlinuz")):
+        if link.is_symlink():
+            name = link.readlink().name
+            if name.startswith("vmlinuz-"):
+                return name[len("vmlinuz-") :]
+    releases = kernel.installed_releases(root)
+    return releases[-1] if releases else None
