@@ -27,3 +27,14 @@ def dkms_modules(root: Root, name: str) -> list[str]:
     if not base.is_dir():
         return []
     return sorted(p.name[len("kernel-") :].rsplit("-", 1)[0] for p in base.glob("kernel-*"))
+
+
+def drop_claim(root: Root, name: str, kernel: str, arch: str) -> bool:
+    """After kmodd took a module over: remove DKMS's install marker for that kernel, so
+    `dkms uninstall`/`remove` no longer deletes what kmodd installed there (DKMS then
+    shows the module as built, not installed). DKMS's tree is otherwise left alone."""
+    marker = root.dkms_tree / name / f"kernel-{kernel}-{arch}"
+    if not marker.is_symlink():
+        return False
+    marker.unlink()
+    return True

@@ -162,7 +162,11 @@ def adopt(root: Root, name: str, options: Options) -> list[Outcome]:
     outcomes = []
     for release in kernels:
         if release in kernel.installed_releases(root):
-            outcomes += autoinstall(root, release, _only(options, source.name))
+            done = autoinstall(root, release, _only(options, source.name))
+            if any(o.state in (State.INSTALLED, State.INSTALLED_WEAK) for o in done):
+                arch = kernel.find(root, release).arch or os.uname().machine
+                dkms_compat.drop_claim(root, source.name, release, arch)
+            outcomes += done
     return outcomes
 
 

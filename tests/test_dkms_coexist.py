@@ -168,6 +168,11 @@ def test_adopt_replaces_dkms_build_with_kmodds(system: DkmsSystem) -> None:
     deps = (system.root / "lib/modules" / K113 / "modules.dep").read_text().splitlines()
     assert deps == [f"updates/dkms/{installed.name}:"]
 
+    # DKMS no longer claims the install, so its uninstall cannot delete kmodd's file;
+    # its own build tree stays
+    assert not (system.tree / "acpi-call" / f"kernel-{K113}-{ARCH}").is_symlink()
+    assert (system.tree / "acpi-call" / "1.2.2" / K113 / ARCH).is_dir()
+
     again = kmodctl(system.root, "autoinstall", "-k", K113)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.splitlines() == [f"acpi-call/1.2.2, {K113}: up-to-date: already installed"]
