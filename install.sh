@@ -1,25 +1,89 @@
 #!/usr/bin/env bash
-# Install kmodd on a Debian/Ubuntu machine, as root: its runtime dependencies from apt,
-# the Python package in /opt/kmodd (a venv, so the system's Python stays untouched),
-# and the commands on PATH.  Usage: ./install.sh [--uninstall]
+# Install kmodd on a Debian/Ubuntu machine, as root, and start the service.
+#   ./install.sh              install (again: upgrades in place) and start
+#   ./install.sh --uninstall  remove all of it (kmodd's state in /var/lib/kmodd is kept)
+# The Python package goes to a venv in /opt/kmodd, so the system's Python stays as it is.
 set -euo pipefail
 cd "$(dirname "$0")"
+
 PREFIX=/opt/kmodd
-BIN=/usr/local/sbin
+SBIN=/usr/local/sbin
+UNIT=/etc/systemd/system/kmodd.service
+POLICY=/usr/share/dbus-1/system.d/io.kmodd1.conf
+PLUGIN=/etc/kernel/install.d/40-kmodd.install
+HOOKS=(/etc/kernel/postinst.d/40-kmodd /etc/kernel/header_postinst.d/40-kmodd
+       /etc/kernel/prerm.d/40-kmodd)
+PIDFILE=/run/kmodd.pid
+
+systemd_running() { [[ -d /run/systemd/system ]]; }
+
+stop_service() {
+    if systemd_running; then
+        systemctl disable --now kmodd.service 2>/dev/null || true
+    elif [[ -f $PIDFILE ]]; then
+        kill "$(cat "$PIDFILE")" 2>/dev/null || true
+        rm -f "$PIDFILE"
+    fi
+}
 
 if [[ ${1:-} == --uninstall ]]; then
-    rm -f "$BIN/kmodctl"
+    stop_service
+    rm -f "$UNIT" "$POLICY" "$PLUGIN" "${HOOKS[@]}" "$SBIN/kmodctl" "$SBIN/kmodd"
+    systemd_running && systemctl daemon-reload || true
+    [[ -S /run/dbus/system_bus_socket ]] && dbus-send --system --type=method_call \
+        --dest=org.freedesktop.DBus / org.freedesktop.DBus.ReloadConfig 2>/dev/null || true
     rm -rf "$PREFIX"
-    echo "kmodd uninstalled (state in /var/lib/kmodd kept)" >&2
+    echo "kmodd uninstalled (its state in /var/lib/kmodd is kept)" >&2
     exit 0
 fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends python3-venv kmod make gcc xz-utils zstd >/dev/null
+apt-get install -y -qq --no-install-recommends \
+    python3-venv dbus kmod make gcc patch binutils xz-utils zstd >/dev/null
 
 python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install --quiet --upgrade pip
 "$PREFIX/bin/pip" install --quiet .
-ln -sf "$PREFIX/bin/kmodctl" "$BIN/kmodctl"
-echo "kmodd installed: $("$BIN/kmodctl" --version)" >&2
+ln -sf "$PREFIX/bin/kmodctl" "$SBIN/kmodctl"
+ln -sf "$PREFIX/bin/kmodd" "$SBIN/kmodd"
+
+install -D -m 0644 systemd/io.kmodd1.conf "$POLICY"
+install -D -m 0755 kernel-install.d/40-kmodd.install "$PLUGIN"
+install -D -m 0755 debian-hooks/postinst /etc/kernel/postinst.d/40-kmodd
+install -D -m 0755 debian-hooks/header_postinst /etc/kernel/header_postinst.d/40-kmodd
+install -D -m 0755 debian-hooks/prerm /etc/kernel/prerm.d/40-kmodd
+install -d -m 0755 /var/lib/kmodd
+
+if systemd_running; then
+    install -D -m 0644 systemd/kmodd.service "$UNIT"
+    systemctl daemon-reload
+    systemctl reload dbus.service 2>/dev/null || true
+    systemctl enable --now kmodd.service
+    systemctl restart kmodd.service
+else
+    # no systemd as PID 1 (a container): the system bus, then the service on it
+    if [[ ! -S /run/dbus/system_bus_socket ]]; then
+        mkdir -p /run/dbus
+        dbus-daemon --system --fork
+    else
+        dbus-send --system --type=method_call --dest=org.freedesktop.DBus / \
+            org.freedesktop.DBus.ReloadConfig >/dev/null 2>&1 || true
+    fi
+    stop_service
+    nohup "$SBIN/kmodd" >>/var/log/kmodd.log 2>&1 &
+    echo $! >"$PIDFILE"
+fi
+
+# ready when it answers on the bus
+for _ in $(seq 100); do
+    if busctl --system status io.kmodd1 >/dev/null 2>&1 ||
+        dbus-send --system --print-reply --dest=io.kmodd1 /io/kmodd1 \
+            org.freedesktop.DBus.Peer.Ping >/dev/null 2>&1; then
+        echo "kmodd installed and running: $("$SBIN/kmodctl" --version)" >&2
+        exit 0
+    fi
+    sleep 0.2
+done
+echo "kmodd installed, but the service did not come up: see /var/log/kmodd.log or journalctl -u kmodd" >&2
+exit 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from kmodd import builder, config, dkmsconf, fsutil, initrd, install, kernel, store
+from kmodd import builder, config, devices, dkmsconf, fsutil, initrd, install, kernel, store
 from kmodd.errors import BuildError, KmoddError
 from kmodd.paths import Root
 from kmodd.plan import Action, Decision, plan_kernel
@@ -71,6 +71,7 @@ class _Run:
         self.config = config.load(root)
         self.changed = False
         self.remake_initrd = False
+        self.installed_now: list[Path] = []
         self.outcomes: list[Outcome] = []
 
     @property
@@ -110,6 +111,8 @@ class _Run:
             if self.remake_initrd and self.options.initrd:
                 initrd.regenerate(self.root, self.k.release)
             self._pending.unlink(missing_ok=True)
+        if self.installed_now and self.k.release == os.uname().release:
+            devices.load_for_present_devices(self.root, self.installed_now)
         return self.outcomes
 
     # one decision at a time -------------------------------------------------------------
@@ -127,6 +130,7 @@ class _Run:
         assert d.conf is not None
         old = self.db.record(d.name, d.version, d.kernel)
         links = install.link_weak(self.k, d.name, list(d.weak_files))
+        self.installed_now += links
         files = tuple(self.root.outside(p) for p in links)
         if old:
             self._retire(old, keep=files)
@@ -196,15 +200,15 @@ class _Run:
         try:
             result = future.result()
             old = self.db.record(d.name, d.version, d.kernel)
-            files = tuple(
-                self.root.outside(p) for p in install.install_build(self.root, self.k, result)
-            )
+            paths = install.install_build(self.root, self.k, result)
+            files = tuple(self.root.outside(p) for p in paths)
         except BuildError as err:
             self._failed(d, err.problem, err.log)
             return False
         except (KmoddError, OSError) as err:
             self._failed(d, str(err), None)
             return False
+        self.installed_now += paths
         if old:
             self._retire(old, keep=files)
         remake = result.conf.remake_initrd

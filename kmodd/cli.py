@@ -6,18 +6,22 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from kmodd import __version__, check, log, manage, status
+from kmodd import __version__, check, dbus_api, kernel, log, manage, plan, status, store
 from kmodd.autoinstall import Options, Outcome, autoinstall
-from kmodd.errors import EXIT_CODES, BuildError, KmoddError, UsageError
+from kmodd.errors import EXIT_CODES, BuildError, KmoddError, NotFoundError, UsageError
 from kmodd.paths import Root
 from kmodd.store import Store
 
 Command = Callable[[argparse.Namespace, Root], int]
 EXIT_SOME_FAILED = BuildError.exit_code
+TIMEOUT_EXIT = 8
 
 
 def _check(args: argparse.Namespace, root: Root) -> int:
@@ -45,12 +49,47 @@ def _options(args: argparse.Namespace) -> Options:
 
 
 def _report(outcomes: list[Outcome]) -> int:
+    return _report_dicts([{**o.__dict__, "failed": o.failed} for o in outcomes])
+
+
+def _report_dicts(outcomes: list[dict[str, Any]]) -> int:
     for o in outcomes:
-        line = f"{o.name}/{o.version}, {o.kernel}: {o.action}: {o.detail}"
-        if o.log and o.failed:
-            line += f" (log: {o.log})"
+        line = f"{o['name']}/{o['version']}, {o['kernel']}: {o['action']}: {o['detail']}"
+        if o.get("log") and o.get("failed"):
+            line += f" (log: {o['log']})"
         print(line)
-    return EXIT_SOME_FAILED if any(o.failed for o in outcomes) else 0
+    return EXIT_SOME_FAILED if any(o.get("failed") for o in outcomes) else 0
+
+
+def _service(root: Root) -> dbus_api.Client | None:
+    """The running service, when it serves this root (only `/` goes over the bus)."""
+    if root.prefix != Path("/") and not os.environ.get("KMODD_BUS_ROOT"):
+        return None
+    return dbus_api.Client.connect()
+
+
+def _down(what: str) -> None:
+    print(f"kmodctl: the kmodd service is not running; {what}", file=sys.stderr)
+
+
+def _in_process(root: Root, work: Callable[[], list[Outcome]]) -> int:
+    """Run changing work here, under the writers' lock the service also takes."""
+    with store.lock(root, wait=False):
+        return _report(work())
+
+
+def _via_service(client: dbus_api.Client, release: str, job: int, timeout: float) -> int:
+    """Wait for the job's kernel and report the job's outcomes."""
+    done, jobs = client.wait(release, timeout, _progress(release))
+    if not done:
+        print(f"kmodctl: {release}: still busy after {timeout:.0f} s (job {job})", file=sys.stderr)
+        return TIMEOUT_EXIT
+    mine = [j for j in jobs if j.get("id") == str(job)] or jobs[:1]
+    outcomes = json.loads(mine[0]["outcomes"]) if mine else []
+    if mine and mine[0].get("state") == "failed" and not outcomes:
+        print(f"kmodctl: job {job}: {mine[0].get('detail')}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return _report_dicts(outcomes)
 
 
 def _kernel_or_running(args: argparse.Namespace) -> str:
@@ -58,44 +97,134 @@ def _kernel_or_running(args: argparse.Namespace) -> str:
 
 
 def _autoinstall(args: argparse.Namespace, root: Root) -> int:
-    return _report(autoinstall(root, _kernel_or_running(args), _options(args)))
+    if args.all_kernels:
+        if args.kernel:
+            raise UsageError("--all-kernels and --kernel exclude each other")
+        releases = kernel.installed_releases(root)
+        if not releases:
+            print(f"no kernels installed in {root.outside(root.modules_dirs[0])}")
+    else:
+        releases = [_kernel_or_running(args)]
+    client = _service(root)
+    worst = 0
+    for release in releases:
+        if client is not None:
+            code = _via_service(client, release, client.add_kernel(release), args.timeout)
+        else:
+            code = _in_process(root, partial(autoinstall, root, release, _options(args)))
+        worst = max(worst, code)
+    return worst
 
 
 def _build(args: argparse.Namespace, root: Root) -> int:
-    outcome = manage.build_only(root, args.module, _kernel_or_running(args), _options(args).jobs)
-    return _report([outcome])
+    release = _kernel_or_running(args)
+    return _in_process(
+        root, lambda: [manage.build_only(root, args.module, release, _options(args).jobs)]
+    )
 
 
 def _install(args: argparse.Namespace, root: Root) -> int:
-    return _report(
-        manage.install_source(root, args.module, _kernel_or_running(args), _options(args))
+    release = _kernel_or_running(args)
+    client = _service(root)
+    if client is not None:
+        return _via_service(client, release, client.build(args.module, release), args.timeout)
+    return _in_process(
+        root, lambda: manage.install_source(root, args.module, release, _options(args))
     )
 
 
 def _uninstall(args: argparse.Namespace, root: Root) -> int:
-    return _report(manage.uninstall(root, args.module, _kernel_or_running(args), _options(args)))
+    release = _kernel_or_running(args)
+    return _in_process(root, lambda: manage.uninstall(root, args.module, release, _options(args)))
 
 
 def _remove_kernel(args: argparse.Namespace, root: Root) -> int:
-    return _report(manage.remove_kernel(root, args.release, _options(args)))
+    client = _service(root)
+    if client is not None:
+        job = client.remove_kernel(args.release)
+        return _via_service(client, args.release, job, args.timeout)
+    return _in_process(root, lambda: manage.remove_kernel(root, args.release, _options(args)))
 
 
 def _adopt(args: argparse.Namespace, root: Root) -> int:
-    return _report(manage.adopt(root, args.module, _options(args)))
+    return _in_process(root, lambda: manage.adopt(root, args.module, _options(args)))
 
 
 def _status(args: argparse.Namespace, root: Root) -> int:
-    db = Store.open(root)
-    try:
-        lines = status.status(root, db, name=args.module, release=args.kernel)
-    finally:
-        db.close()
+    client = _service(root)
+    if client is not None:
+        docs = client.status(args.module or "", args.kernel or "")
+        lines = [status.Line.from_json(doc) for doc in docs]
+    else:
+        _down("reading its state directly")
+        db = Store.open(root)
+        try:
+            lines = status.status(root, db, name=args.module, release=args.kernel)
+        finally:
+            db.close()
     if args.json:
         _print_json([line.json() for line in lines])
     else:
         for line in lines:
             print(line.text())
     return 0
+
+
+def _plan(args: argparse.Namespace, root: Root) -> int:
+    release = _kernel_or_running(args)
+    client = _service(root)
+    if client is not None:
+        rows = client.plan(release)
+    else:
+        _down("planning here")
+        rows = [
+            {
+                "name": d.name,
+                "version": d.version,
+                "kernel": d.kernel,
+                "action": d.action.value,
+                "reason": d.reason,
+                "weak_from": d.weak_from or "",
+            }
+            for d in plan.plan_for(root, release)
+        ]
+    if args.json:
+        _print_json(rows)
+        return 0
+    for row in rows:
+        print(f"{row['name']}/{row['version']}, {row['kernel']}: {row['action']}: {row['reason']}")
+    return 0
+
+
+def _wait(args: argparse.Namespace, root: Root) -> int:
+    release = _kernel_or_running(args)
+    client = _service(root)
+    if client is None:
+        raise NotFoundError("the kmodd service is not running: nothing to wait for")
+    done, jobs = client.wait(release, args.timeout, _progress(release))
+    if not done:
+        print(f"kmodctl: {release}: still busy after {args.timeout:.0f} s", file=sys.stderr)
+        return TIMEOUT_EXIT
+    failed = [j for j in jobs if j.get("state") == "failed"]
+    print(f"{release}: ready" + (f" ({len(failed)} job(s) with failures)" if failed else ""))
+    return EXIT_SOME_FAILED if failed else 0
+
+
+def _progress(release: str) -> Callable[[dict[str, str]], None]:
+    """A live line on a terminal; one plain line per job change otherwise."""
+    start = time.monotonic()
+    live = sys.stderr.isatty()
+
+    def show(job: dict[str, str]) -> None:
+        elapsed = time.monotonic() - start
+        what = f"job {job.get('id')} {job.get('kind')} {job.get('source') or ''}".rstrip()
+        line = f"{release}: {what}: {job.get('state')} ({elapsed:.0f} s)"
+        if live:
+            print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return show
 
 
 def _print_json(doc: object) -> None:
@@ -138,6 +267,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
         p.add_argument("-j", "--jobs", type=int, metavar="N", help="parallel work (default: CPUs)")
         p.add_argument("--no-initrd", action="store_true", help="never regenerate the initrd")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=3600.0,
+            metavar="SECONDS",
+            help="through the service: how long to wait for it",
+        )
         p.set_defaults(func=func)
 
     kernel_command(
@@ -145,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
         _autoinstall,
         "weak-link or build and install every AUTOINSTALL source for a kernel",
         module=False,
+    )
+    sub.choices["autoinstall"].add_argument(
+        "--all-kernels", action="store_true", help="every installed kernel, not one"
     )
     kernel_command("build", _build, "build one source for a kernel (no install)", module=True)
     kernel_command("install", _install, "weak-link or build, and install, one source", module=True)
@@ -154,8 +293,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove-kernel", help="forget a kernel; relink or rebuild what used it")
     p.add_argument("release", metavar="KVER")
     p.add_argument("-j", "--jobs", type=int, metavar="N")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
     p.add_argument("--no-initrd", action="store_true")
     p.set_defaults(func=_remove_kernel)
+
+    p = sub.add_parser("plan", help="what would happen for a kernel, and why")
+    p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("wait", help="block until a kernel's modules are in place")
+    p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
+    p.set_defaults(func=_wait)
 
     p = sub.add_parser("status", help="every source against every kernel, DKMS-style")
     p.add_argument("-m", "--module", metavar="NAME")

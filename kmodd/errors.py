@@ -95,4 +95,5 @@ EXIT_CODES: dict[int, str] = {
     5: "an operation or external command failed",
     6: "access denied",
     7: "some modules failed to build or install (each named, with its log); the rest were done",
+    8: "timed out waiting for the service",
 }

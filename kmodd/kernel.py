@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -80,10 +81,10 @@ class Kernel:
         if self.config_path is None:
             return {}
         try:
-            text = self.config_path.read_text(errors="replace")
+            st = self.config_path.stat()
+            return dict(_parse_config(self.config_path, st.st_mtime_ns, st.st_size))
         except OSError as err:
             raise BadInputError(self.config_path, f"cannot read: {err.strerror}") from err
-        return {key: value.strip('"') for key, value in _CONFIG_LINE.findall(text)}
 
     # Facts --------------------------------------------------------------------------
 
@@ -177,6 +178,13 @@ class Kernel:
     def _sample_module(self) -> modfile.ModuleInfo | None:
         path = self._first_module_path()
         return modfile.read(path) if path else None
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_config(path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """A kernel config's options; cached while the file is unchanged (status asks often)."""
+    text = path.read_text(errors="replace")
+    return tuple((key, value.strip('"')) for key, value in _CONFIG_LINE.findall(text))
 
 
 def installed_releases(root: Root) -> list[str]:

@@ -24,6 +24,7 @@ def configure(*, debug: bool = False, level: int = logging.WARNING) -> None:
         processors.append(structlog.processors.TimeStamper(fmt="%H:%M:%S"))
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
+        processors.append(structlog.processors.format_exc_info)
         renderer = structlog.processors.KeyValueRenderer(
             key_order=["level", "event"], drop_missing=True
         )

@@ -172,3 +172,13 @@ class _Planner:
             first = next(v for v in verdicts if not v.reusable)
             reasons.append(f"{record.kernel}: {first.module.name}: {first.reasons[0]}")
         return "no reusable build (" + "; ".join(reasons) + ")"
+
+
+def plan_for(root: Root, release: str) -> list[Decision]:
+    """`plan_kernel` for every source, with its own view of the store."""
+    k = kernel.find(root, release)
+    db = Store.open(root)
+    try:
+        return plan_kernel(root, db, k, dkmsconf.find_sources(root))
+    finally:
+        db.close()

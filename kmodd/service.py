@@ -137,9 +137,12 @@ class Service:
             lines.append(job.detail)
         for o in json.loads(job.outcomes):
             lines.append(f"{o['name']}/{o['version']}, {o['kernel']}: {o['action']}: {o['detail']}")
-            if o.get("log") and o.get("failed"):
-                tail = Path(o["log"]).read_text(errors="replace").splitlines()[-40:]
+            logfile = Path(o["log"]) if o.get("log") and o.get("failed") else None
+            if logfile and logfile.is_file():
+                tail = logfile.read_text(errors="replace").splitlines()[-40:]
                 lines.extend("    " + t for t in tail)
+            elif logfile:
+                lines.append(f"    (log {logfile} is gone)")
         return "\n".join(lines)
 
     @property

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from kmodd import dkms_compat, dkmsconf, kernel
+from kmodd import devices, dkms_compat, dkmsconf, kernel, modfile
 from kmodd.paths import Root
 from kmodd.plan import files_present
 from kmodd.state import State
@@ -31,6 +32,8 @@ class Line:
     weak_from: str | None = None
     log: str | None = None
     detail: str | None = None
+    loaded: bool | None = None
+    """For the running kernel: whether its modules are loaded now."""
 
     def text(self) -> str:
         """DKMS's shape: `acpi-call/1.2.2, 6.12.113+deb12-amd64, x86_64: installed`."""
@@ -41,7 +44,22 @@ class Line:
             state = f"failed (log: {self.log})" if self.log else f"failed ({self.detail})"
         elif self.state in (State.EXCLUDED, State.DKMS) and self.detail:
             state = f"{state} ({self.detail})"
+        if self.loaded:
+            state += ", loaded"
         return f"{self.module}/{self.version}, {self.kernel}, {self.arch}: {state}"
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Line:
+        return cls(
+            doc["module"],
+            doc["version"],
+            doc["kernel"],
+            doc["arch"],
+            State(doc["state"]),
+            doc.get("weak_from") or None,
+            doc.get("log") or None,
+            doc.get("detail") or None,
+        )
 
     def json(self) -> dict[str, Any]:
         return {
@@ -95,13 +113,18 @@ def _line(root: Root, db: Store, record: Record) -> Line:
             )
         )
         state = State.ADDED
+    loaded = None
+    if state in (State.INSTALLED, State.INSTALLED_WEAK) and record.kernel == os.uname().release:
+        loaded = all(devices.is_loaded(root, modfile.module_name(Path(f))) for f in record.files)
+    weak_from = record.weak_from if state is State.INSTALLED_WEAK else None
     return Line(
         record.name,
         record.version,
         record.kernel,
         record.arch,
         state,
-        record.weak_from if state is State.INSTALLED_WEAK else None,
+        weak_from,
         record.log,
         detail,
+        loaded,
     )

@@ -1,0 +1,22 @@
+"""kmodd on the D-Bus system bus: the only part of kmodd that imports dbus_next.
+
+Name `io.kmodd1`, object `/io/kmodd1`, interface `io.kmodd1.Manager`:
+
+    Status(s module, s kernel) -> aa{ss}       Plan(s kernel) -> aa{ss}
+    AddKernel(s kernel) -> t                   RemoveKernel(s kernel) -> t
+    Build(s module, s kernel) -> t             Cancel(t job) -> b
+    Wait(s kernel, d timeout) -> (b, aa{ss})   GetLog(t job) -> s
+    Jobs() -> aa{ss}
+    signal JobChanged(a{ss} job)               signal KernelReady(s kernel, b ok)
+    property Version s                         property QueueLength u
+
+"" stands for "none" in arguments and dicts. AddKernel, RemoveKernel, Build and Cancel
+need uid 0 (io.kmodd1.Error.AccessDenied otherwise). Errors are named after the
+KmoddError classes (`dbus_name`); anything else is io.kmodd1.Error.Failed.
+"""
+
+from kmodd.dbus_api._client import Client
+from kmodd.dbus_api._common import BUS_NAME, INTERFACE, OBJECT_PATH
+from kmodd.dbus_api._server import Manager, ServiceBus, serve
+
+__all__ = ["BUS_NAME", "INTERFACE", "OBJECT_PATH", "Client", "Manager", "ServiceBus", "serve"]

@@ -1,0 +1,178 @@
+"""The real daemon, as a process on a real dbus-daemon, driven by the real kmodctl:
+kernels and headers appearing in the root are noticed; restarts and `kill -9` in the
+middle of a batch lose nothing and half-write nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kmodd import modfile
+from tests.conftest import K111, K113, install_headers, require_tool
+from tests.dbus_harness import Bus, running_service, system_bus
+from tests.sources import write_source
+from tests.test_autoinstall import make_system
+
+TOP = Path(__file__).resolve().parent.parent
+
+
+def kmodctl(bus: Bus, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """kmodctl as an admin runs it, talking to the service for this root."""
+    env = bus.env(KMODD_BUS_ROOT="1", PYTHONPATH=os.fspath(TOP))
+    return subprocess.run(
+        [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+
+
+def states(bus: Bus, root: Path) -> dict[tuple[str, str], str]:
+    proc = kmodctl(bus, root, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "not running" not in proc.stderr, "status must come from the service"
+    return {(s["module"], s["kernel"]): s["state"] for s in json.loads(proc.stdout)}
+
+
+def until(predicate: object, timeout: float = 120.0) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[Bus]:
+    with system_bus(tmp_path / "bus") as running:
+        yield running
+
+
+def test_a_new_kernel_then_its_headers_are_noticed_and_done(tmp_path: Path, bus: Bus) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111,))
+    for name in ("kmt-base", "kmt-pair", "kmt-misc"):
+        write_source(root, name)
+    with running_service(bus, root, tmp_path / "kmodd.log", daemon=True) as server:
+        done = kmodctl(bus, root, "autoinstall", "-k", K111)
+        assert done.returncode == 0, done.stdout + done.stderr + server.output()
+        assert "kmt-pair/1.0, " + K111 + ": build: built and installed" in done.stdout
+
+        # the image arrives first: its modules wait for headers
+        (root / "lib/modules" / K113).mkdir(parents=True)
+        until(lambda: states(bus, root).get(("kmt-base", K113)) == "waiting-for-headers")
+        # then the headers: what is reusable is weak-linked, the rest is built
+        install_headers(root, K113, full=True)
+        until(lambda: states(bus, root).get(("kmt-misc", K113)) == "installed", 300)
+        waited = kmodctl(bus, root, "wait", "-k", K113, "--timeout", "300")
+        assert waited.returncode == 0, waited.stderr
+        now = states(bus, root)
+        assert now[("kmt-base", K113)] == "installed-weak"
+        assert now[("kmt-pair", K113)] == "installed-weak"
+        plan = kmodctl(bus, root, "plan", "-k", K113)
+        assert f"kmt-pair/1.0, {K113}: up-to-date: already installed-weak" in plan.stdout
+
+        # a source removed from /usr/src is removed from every kernel
+        subprocess.run(["rm", "-rf", root / "usr/src/kmt-misc-1.0"], check=True)
+        until(lambda: ("kmt-misc", K111) not in states(bus, root))
+        assert not (root / "lib/modules" / K113 / "updates/dkms/kmt_misc.ko.xz").exists()
+        assert "Traceback" not in server.output()
+
+
+def test_kill_9_mid_batch_then_restart_loses_nothing(tmp_path: Path, bus: Bus) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    write_source(root, "kmt-base")
+    write_source(
+        root, "kmt-slow", modules=("kmt_pkga",), extra='AUTOINSTALL=yes\nPRE_BUILD="slow"\n'
+    )
+    slow = root / "usr/src/kmt-slow-1.0/slow"
+    slow.write_text("#!/bin/sh\nsleep 4\n")
+    slow.chmod(0o755)
+    with running_service(bus, root, tmp_path / "first.log", daemon=True) as server:
+        env = bus.env(KMODD_BUS_ROOT="1", PYTHONPATH=os.fspath(TOP))
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kmodd.cli",
+                "--root",
+                os.fspath(root),
+                "autoinstall",
+                "-k",
+                K113,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        until(lambda: states(bus, root).get(("kmt-slow", K113)) == "building")
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+    # restart: the job that was running runs again and finishes
+    with running_service(bus, root, tmp_path / "second.log", daemon=True) as server:
+        waited = kmodctl(bus, root, "wait", "-k", K113, "--timeout", "300")
+        assert waited.returncode == 0, waited.stderr + server.output()
+        assert states(bus, root) == {
+            ("kmt-base", K113): "installed",
+            ("kmt-slow", K113): "installed",
+        }
+        for path in (root / "lib/modules" / K113 / "updates/dkms").iterdir():
+            assert modfile.read(path).vermagic.startswith(K113)
+        jobs = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", _JOBS],
+                env=bus.env(PYTHONPATH=os.fspath(TOP)),
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        mine = [j for j in jobs if j["kernel"] == K113]
+        assert [j["state"] for j in mine] == ["done"], mine  # one job, run to completion once
+
+
+_JOBS = """
+import json
+from kmodd.dbus_api import Client
+client = Client.connect()
+print(json.dumps(client.jobs()))
+"""
+
+
+def test_ready_notification_and_a_clean_stop(tmp_path: Path, bus: Bus) -> None:
+    root = make_system(tmp_path / "root", ())
+    sock_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(os.fspath(sock_path))
+        notify.settimeout(30)
+        env = bus.env(NOTIFY_SOCKET=os.fspath(sock_path), PYTHONPATH=os.fspath(TOP))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kmodd.daemon", "--root", os.fspath(root)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert notify.recv(4096).decode().startswith("READY=1")
+            proc.send_signal(signal.SIGTERM)
+            assert notify.recv(4096).decode().startswith("STOPPING=1")
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        output = proc.stdout.read() if proc.stdout else ""
+    assert "Traceback" not in output
+    assert "level='info' event='ready'" in output
