@@ -164,9 +164,10 @@ def _status(args: argparse.Namespace, root: Root) -> int:
             db.close()
     if args.json:
         _print_json([line.json() for line in lines])
-    else:
-        for line in lines:
-            print(line.text())
+    elif not lines:
+        print(f"kmodctl: no module sources in {root.outside(root.usr_src)}", file=sys.stderr)
+    for line in [] if args.json else lines:
+        print(line.text())
     return 0
 
 
