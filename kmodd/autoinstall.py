@@ -11,6 +11,7 @@ import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -56,12 +57,8 @@ class Options:
 
 
 def autoinstall(root: Root, release: str, options: Options = Options()) -> list[Outcome]:
-    with store.lock(root):
-        db = Store.open(root)
-        try:
-            return _Run(root, db, kernel.find(root, release), options).run()
-        finally:
-            db.close()
+    with store.lock(root), Store.open(root) as db:
+        return _Run(root, db, kernel.find(root, release), options).run()
 
 
 class _Run:
@@ -117,14 +114,21 @@ class _Run:
 
     # one decision at a time -------------------------------------------------------------
 
+    def _save(self, d: Decision, state: State, **fields: Any) -> None:
+        """Record `state` for `d`'s source on this kernel."""
+        self.db.put(Record(d.name, d.version, d.kernel, self.arch, state, **fields))
+
+    def _say(self, d: Decision, state: State | None, detail: str, log: Path | None = None) -> None:
+        self.outcomes.append(Outcome(d.name, d.version, d.kernel, d.action, state, detail, log))
+
     def _note(self, d: Decision) -> None:
         state = _RECORDED.get(d.action)
         if state is not None:
             old = self.db.record(d.name, d.version, d.kernel)
             if old and old.files and d.action is Action.EXCLUDED:
                 self._retire(old)
-            self.db.put(Record(d.name, d.version, d.kernel, self.arch, state, detail=d.reason))
-        self.outcomes.append(Outcome(d.name, d.version, d.kernel, d.action, state, d.reason))
+            self._save(d, state, detail=d.reason)
+        self._say(d, state, d.reason)
 
     def _link(self, d: Decision) -> None:
         assert d.conf is not None
@@ -134,23 +138,16 @@ class _Run:
         files = tuple(self.root.outside(p) for p in links)
         if old:
             self._retire(old, keep=files)
-        self.db.put(
-            Record(
-                d.name,
-                d.version,
-                d.kernel,
-                self.arch,
-                State.INSTALLED_WEAK,
-                weak_from=d.weak_from,
-                detail=d.reason,
-                files=files,
-                remake_initrd=d.conf.remake_initrd,
-            )
+        self._save(
+            d,
+            State.INSTALLED_WEAK,
+            weak_from=d.weak_from,
+            detail=d.reason,
+            files=files,
+            remake_initrd=d.conf.remake_initrd,
         )
         self._changed(d.conf.remake_initrd)
-        self.outcomes.append(
-            Outcome(d.name, d.version, d.kernel, d.action, State.INSTALLED_WEAK, d.reason)
-        )
+        self._say(d, State.INSTALLED_WEAK, d.reason)
 
     def _retire(self, old: Record, keep: tuple[str, ...] = ()) -> None:
         install.remove_files(self.root, [f for f in old.files if f not in keep])
@@ -165,8 +162,10 @@ class _Run:
     # builds ------------------------------------------------------------------------------
 
     def _build_all(self, builds: list[Decision]) -> None:
-        """Build in parallel; a source waits for the BUILD_DEPENDS built in this run."""
-        pending = {d.name: d for d in builds}
+        """Build in parallel, REMAKE_INITRD sources first; a source waits for the
+        BUILD_DEPENDS built in this run."""
+        first = sorted(builds, key=lambda d: not (d.conf and d.conf.remake_initrd))
+        pending = {d.name: d for d in first}
         failed: set[str] = set()
         running: dict[Future[builder.BuildResult], Decision] = {}
         workers = max(1, min(self.options.jobs, len(builds)))
@@ -182,7 +181,7 @@ class _Run:
                         self._failed(d, f"BUILD_DEPENDS {', '.join(blocked)} failed", None)
                     elif not any(dep in pending or _runs(running, dep) for dep in deps):
                         del pending[name]
-                        self._put(d, State.BUILDING, d.reason)
+                        self._keep_files(d, State.BUILDING, d.reason)
                         running[pool.submit(self._build_one, d, make_jobs)] = d
                 if not running:
                     continue
@@ -212,53 +211,34 @@ class _Run:
         if old:
             self._retire(old, keep=files)
         remake = result.conf.remake_initrd
-        self.db.put(
-            Record(
-                d.name,
-                d.version,
-                d.kernel,
-                self.arch,
-                State.INSTALLED,
-                log=os.fspath(result.log),
-                detail="built",
-                files=files,
-                remake_initrd=remake,
-            )
+        self._save(
+            d,
+            State.INSTALLED,
+            log=os.fspath(result.log),
+            detail="built",
+            files=files,
+            remake_initrd=remake,
         )
         self._changed(remake)
-        self.outcomes.append(
-            Outcome(
-                d.name,
-                d.version,
-                d.kernel,
-                d.action,
-                State.INSTALLED,
-                "built and installed",
-                result.log,
-            )
-        )
+        self._say(d, State.INSTALLED, "built and installed", result.log)
         return True
 
     def _failed(self, d: Decision, problem: str, logfile: Path | None) -> None:
-        self._put(d, State.FAILED, problem, logfile)
-        self.outcomes.append(
-            Outcome(d.name, d.version, d.kernel, d.action, State.FAILED, problem, logfile)
-        )
+        self._keep_files(d, State.FAILED, problem, logfile)
+        self._say(d, State.FAILED, problem, logfile)
 
-    def _put(self, d: Decision, state: State, detail: str, logfile: Path | None = None) -> None:
+    def _keep_files(
+        self, d: Decision, state: State, detail: str, logfile: Path | None = None
+    ) -> None:
+        """A new state for `d`; what it had installed stays installed (and recorded)."""
         old = self.db.record(d.name, d.version, d.kernel)
-        self.db.put(
-            Record(
-                d.name,
-                d.version,
-                d.kernel,
-                self.arch,
-                state,
-                log=None if logfile is None else os.fspath(logfile),
-                detail=detail,
-                files=old.files if old else (),
-                remake_initrd=old.remake_initrd if old else False,
-            )
+        self._save(
+            d,
+            state,
+            log=None if logfile is None else os.fspath(logfile),
+            detail=detail,
+            files=old.files if old else (),
+            remake_initrd=old.remake_initrd if old else False,
         )
 
 

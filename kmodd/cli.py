@@ -157,11 +157,8 @@ def _status(args: argparse.Namespace, root: Root) -> int:
         lines = [status.Line.from_json(doc) for doc in docs]
     else:
         _down("reading its state directly")
-        db = Store.open(root)
-        try:
+        with Store.open(root) as db:
             lines = status.status(root, db, name=args.module, release=args.kernel)
-        finally:
-            db.close()
     if args.json:
         _print_json([line.json() for line in lines])
     elif not lines:
@@ -178,17 +175,7 @@ def _plan(args: argparse.Namespace, root: Root) -> int:
         rows = client.plan(release)
     else:
         _down("planning here")
-        rows = [
-            {
-                "name": d.name,
-                "version": d.version,
-                "kernel": d.kernel,
-                "action": d.action.value,
-                "reason": d.reason,
-                "weak_from": d.weak_from or "",
-            }
-            for d in plan.plan_for(root, release)
-        ]
+        rows = [d.json() for d in plan.plan_for(root, release)]
     if args.json:
         _print_json(rows)
         return 0

@@ -33,12 +33,12 @@ def find_source(root: Root, spec: str) -> SourceDir:
 def build_only(root: Root, spec: str, release: str, jobs: int) -> Outcome:
     source = find_source(root, spec)
     k = kernel.find(root, release)
-    with store.lock(root):
-        db = Store.open(root)
-        arch = k.arch or os.uname().machine
+    arch = k.arch or os.uname().machine
+    with store.lock(root), Store.open(root) as db:
         try:
             result = builder.build(root, source, k, config=config.load(root), jobs=jobs)
         except BuildError as err:
+            logfile = None if err.log is None else os.fspath(err.log)
             db.put(
                 Record(
                     source.name,
@@ -46,27 +46,24 @@ def build_only(root: Root, spec: str, release: str, jobs: int) -> Outcome:
                     release,
                     arch,
                     State.FAILED,
-                    log=None if err.log is None else os.fspath(err.log),
+                    log=logfile,
                     detail=err.problem,
                 )
             )
             raise
-        else:
-            old = db.record(source.name, source.version, release)
-            if old is None or old.state not in (State.INSTALLED, State.INSTALLED_WEAK):
-                db.put(
-                    Record(
-                        source.name,
-                        source.version,
-                        release,
-                        arch,
-                        State.BUILT,
-                        log=os.fspath(result.log),
-                        detail="built, not installed",
-                    )
+        old = db.record(source.name, source.version, release)
+        if old is None or old.state not in (State.INSTALLED, State.INSTALLED_WEAK):
+            db.put(
+                Record(
+                    source.name,
+                    source.version,
+                    release,
+                    arch,
+                    State.BUILT,
+                    log=os.fspath(result.log),
+                    detail="built, not installed",
                 )
-        finally:
-            db.close()
+            )
     return Outcome(
         result.conf.name,
         result.conf.version,
@@ -90,26 +87,22 @@ def _only(options: Options, name: str) -> Options:
 def uninstall(root: Root, spec: str, release: str, options: Options) -> list[Outcome]:
     """Remove NAME from KVER; kernels that weak-linked to it get another build."""
     source = find_source(root, spec)
-    with store.lock(root):
-        db = Store.open(root)
-        try:
-            record = db.record(source.name, source.version, release)
-            if record is None or not record.files:
-                return []  # asking for what is already so is success
-            install.remove_files(root, list(record.files))
-            db.put(
-                Record(
-                    source.name,
-                    source.version,
-                    release,
-                    record.arch,
-                    State.ADDED,
-                    detail="uninstalled",
-                )
+    with store.lock(root), Store.open(root) as db:
+        record = db.record(source.name, source.version, release)
+        if record is None or not record.files:
+            return []  # asking for what is already so is success
+        install.remove_files(root, list(record.files))
+        db.put(
+            Record(
+                source.name,
+                source.version,
+                release,
+                record.arch,
+                State.ADDED,
+                detail="uninstalled",
             )
-            dependants = [r.kernel for r in db.records(name=source.name) if r.weak_from == release]
-        finally:
-            db.close()
+        )
+        dependants = [r.kernel for r in db.records(name=source.name) if r.weak_from == release]
     install.depmod(root, release)
     outcomes = []
     for other in dependants:
@@ -120,29 +113,21 @@ def uninstall(root: Root, spec: str, release: str, options: Options) -> list[Out
 def remove_kernel(root: Root, release: str, options: Options) -> list[Outcome]:
     """Forget KVER: first give the kernels that weak-link into it another build, then
     remove what kmodd installed for it, so no link is ever left dangling."""
-    with store.lock(root):
-        db = Store.open(root)
-        try:
-            dependants: dict[str, set[str]] = {}
-            for r in db.records():
-                if r.weak_from == release and r.kernel != release:
-                    dependants.setdefault(r.kernel, set()).add(r.name)
-        finally:
-            db.close()
+    with store.lock(root), Store.open(root) as db:
+        dependants: dict[str, set[str]] = {}
+        for r in db.records():
+            if r.weak_from == release and r.kernel != release:
+                dependants.setdefault(r.kernel, set()).add(r.name)
     outcomes = []
     for other, names in sorted(dependants.items()):
         avoid = options.avoid_kernels | {release}
         outcomes += autoinstall(
             root, other, Options(options.jobs, options.initrd, frozenset(names), avoid)
         )
-    with store.lock(root):
-        db = Store.open(root)
-        try:
-            for r in db.records(kernel=release):
-                install.remove_files(root, list(r.files))
-            db.delete_kernel(release)
-        finally:
-            db.close()
+    with store.lock(root), Store.open(root) as db:
+        for r in db.records(kernel=release):
+            install.remove_files(root, list(r.files))
+        db.delete_kernel(release)
     log.info("kernel removed", kver=release)
     return outcomes
 
@@ -151,14 +136,10 @@ def adopt(root: Root, name: str, options: Options) -> list[Outcome]:
     """Take over from DKMS: kmodd may now replace what DKMS installed for NAME."""
     source = find_source(root, name)
     kernels = dkms_compat.dkms_modules(root, source.name)
-    with store.lock(root):
-        db = Store.open(root)
-        try:
-            db.add_source(source.name, source.version, root.outside(source.path))
-            if db.set_adopted(source.name) == 0:
-                raise UsageError(f"{name}: not a known source")
-        finally:
-            db.close()
+    with store.lock(root), Store.open(root) as db:
+        db.add_source(source.name, source.version, root.outside(source.path))
+        if db.set_adopted(source.name) == 0:
+            raise UsageError(f"{name}: not a known source")
     outcomes = []
     for release in kernels:
         if release in kernel.installed_releases(root):
@@ -173,15 +154,11 @@ def adopt(root: Root, name: str, options: Options) -> list[Outcome]:
 def forget_source(root: Root, name: str) -> list[str]:
     """The source NAME left /usr/src: remove what kmodd installed of it, everywhere.
     Returns the kernels whose trees changed (depmod has run for each)."""
-    with store.lock(root):
-        db = Store.open(root)
-        try:
-            changed = sorted({r.kernel for r in db.records(name=name) if r.files})
-            for r in db.records(name=name):
-                install.remove_files(root, list(r.files))
-                db.delete(r.name, r.version, r.kernel)
-        finally:
-            db.close()
+    with store.lock(root), Store.open(root) as db:
+        changed = sorted({r.kernel for r in db.records(name=name) if r.files})
+        for r in db.records(name=name):
+            install.remove_files(root, list(r.files))
+            db.delete(r.name, r.version, r.kernel)
     installed = set(kernel.installed_releases(root))
     for release in changed:
         if release in installed:

@@ -48,6 +48,16 @@ class Decision:
     def version(self) -> str:
         return self.conf.version if self.conf else self.source.version
 
+    def json(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kernel": self.kernel,
+            "action": self.action.value,
+            "reason": self.reason,
+            "weak_from": self.weak_from or "",
+        }
+
 
 def files_present(root: Root, record: Record) -> bool:
     """Every file and link of `record` is there (a link must reach its target)."""
@@ -108,8 +118,8 @@ class _Planner:
         except KmoddError as err:
             return Decision(source, k.release, Action.FAILED, str(err))
 
-        def decision(action: Action, reason: str, **extra: object) -> Decision:
-            return Decision(source, k.release, action, reason, conf, **extra)  # type: ignore[arg-type]
+        def decision(action: Action, reason: str) -> Decision:
+            return Decision(source, k.release, action, reason, conf)
 
         excluded = conf.exclusion(k.config)
         if excluded:
@@ -177,8 +187,5 @@ class _Planner:
 def plan_for(root: Root, release: str) -> list[Decision]:
     """`plan_kernel` for every source, with its own view of the store."""
     k = kernel.find(root, release)
-    db = Store.open(root)
-    try:
+    with Store.open(root) as db:
         return plan_kernel(root, db, k, dkmsconf.find_sources(root))
-    finally:
-        db.close()

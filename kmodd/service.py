@@ -78,19 +78,13 @@ class Service:
     # the calls the edges make ------------------------------------------------------------
 
     def status(self, module: str | None = None, release: str | None = None) -> list[status.Line]:
-        db = Store.open(self.root)
-        try:
+        with Store.open(self.root) as db:
             return status.status(self.root, db, name=module or None, release=release or None)
-        finally:
-            db.close()
 
     def plan(self, release: str) -> list[Decision]:
         k = kernel.find(self.root, release)
-        db = Store.open(self.root)
-        try:
+        with Store.open(self.root) as db:
             return plan_kernel(self.root, db, k, dkmsconf.find_sources(self.root))
-        finally:
-            db.close()
 
     def add_kernel(self, release: str) -> Job:
         kernel.find(self.root, release)

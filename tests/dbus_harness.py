@@ -470,13 +470,15 @@ def as_other_user(uid: int = NOBODY) -> Iterator[OtherUser]:
             import dbus_next
             import structlog
 
-            for package in (dbus_next, structlog):
-                assert package.__file__ is not None
-                src = Path(package.__file__).parent
+            # kmodd too: the checkout may sit in a directory only root can enter
+            for src in (
+                *(Path(str(p.__file__)).parent for p in (dbus_next, structlog)),
+                TOP / "kmodd",
+            ):
                 shutil.copytree(src, site / src.name, ignore=shutil.ignore_patterns("*.pyc"))
             for path in site.rglob("*"):
                 path.chmod(0o755 if path.is_dir() else 0o644)
-            pythonpath = f"{site}{os.pathsep}{TOP}"
+            pythonpath = os.fspath(site)
             candidates.append(OtherUser(uid, [*drop, system], {**base, "PYTHONPATH": pythonpath}))
         problems = []
         for candidate in candidates:

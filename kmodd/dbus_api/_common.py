@@ -44,14 +44,7 @@ def line_dict(line: Line) -> dict[str, str]:
 
 
 def decision_dict(d: Decision) -> dict[str, str]:
-    return {
-        "name": d.name,
-        "version": d.version,
-        "kernel": d.kernel,
-        "action": d.action.value,
-        "reason": d.reason,
-        "weak_from": d.weak_from or "",
-    }
+    return d.json()
 
 
 def job_dict(job: Job) -> dict[str, str]:
