@@ -224,6 +224,14 @@ def test_uninstall_and_kernel_removal_leave_no_dangling_links(tmp_path: Path) ->
     magic = modfile.read(root / "lib/modules" / K113 / "updates/dkms/kmt_simple.ko.xz").vermagic
     assert magic.startswith(K113 + " ")
 
+    # the disk is the truth: a module deleted behind kmodd's back is noticed and said
+    (root / "lib/modules" / K113 / "updates/dkms/kmt_simple.ko.xz").unlink()
+    repaired = status_json(root)[("kmt-base", K113)]
+    assert repaired["state"] == "added"
+    assert repaired["detail"] == "installed files were missing; state repaired"
+    assert kmodctl(root, "autoinstall", "-k", K113).returncode == 0
+    assert status_json(root)[("kmt-base", K113)]["state"] == "installed"
+
 
 def test_a_6_1_kernel_gets_uncompressed_modules(tmp_path: Path) -> None:
     """Debian's 6.1 kernels do not compress modules; 6.12's use xz."""
