@@ -16,6 +16,10 @@ HOOKS=(/etc/kernel/postinst.d/40-kmodd /etc/kernel/header_postinst.d/40-kmodd
 PIDFILE=/run/kmodd.pid
 
 systemd_running() { [[ -d /run/systemd/system ]]; }
+bus_answers() {
+    dbus-send --system --print-reply --dest=org.freedesktop.DBus / \
+        org.freedesktop.DBus.GetId >/dev/null 2>&1
+}
 
 stop_service() {
     if systemd_running; then
@@ -62,13 +66,17 @@ if systemd_running; then
     systemctl enable --now kmodd.service
     systemctl restart kmodd.service
 else
-    # no systemd as PID 1 (a container): the system bus, then the service on it
-    if [[ ! -S /run/dbus/system_bus_socket ]]; then
-        mkdir -p /run/dbus
-        dbus-daemon --system --fork
-    else
+    # no systemd as PID 1 (a container): the system bus, then the service on it.
+    # A socket file alone proves nothing: a bus that died leaves it behind.
+    if bus_answers; then
         dbus-send --system --type=method_call --dest=org.freedesktop.DBus / \
             org.freedesktop.DBus.ReloadConfig >/dev/null 2>&1 || true
+    else
+        [[ -e /run/dbus/system_bus_socket ]] &&
+            echo "the system bus left a socket but does not answer: starting it again" >&2
+        rm -f /run/dbus/system_bus_socket /run/dbus/pid
+        mkdir -p /run/dbus
+        dbus-daemon --system --fork
     fi
     stop_service
     nohup "$SBIN/kmodd" >>/var/log/kmodd.log 2>&1 &
@@ -85,5 +93,10 @@ for _ in $(seq 100); do
     fi
     sleep 0.2
 done
-echo "kmodd installed, but the service did not come up: see /var/log/kmodd.log or journalctl -u kmodd" >&2
+echo "kmodd installed, but the service did not come up; its last words:" >&2
+if systemd_running; then
+    journalctl -u kmodd.service -n 20 --no-pager >&2 || true
+else
+    tail -n 20 /var/log/kmodd.log >&2 || true
+fi
 exit 1
