@@ -16,7 +16,8 @@ from kmodd import __version__, dbus_api, dkmsconf, log, notify, run, store
 from kmodd.errors import KmoddError
 from kmodd.paths import Root
 from kmodd.service import Service
-from kmodd.watch import EventKind, Watcher, WatchEvent
+from kmodd.watch import Watcher
+from kmodd.watch_events import EventKind, WatchEvent
 
 logger = structlog.get_logger("kmodd")
 

@@ -17,11 +17,8 @@ arrived; a new kernel that comes with its headers gets both `kernel-added` and
 `headers-arrived`. A source dir losing its `dkms.conf` counts as removed.
 
 Events are hints: each names a dir entry, which is looked at again (a stat or two) and
-compared with what was known. Changes are held until the watched dirs have been quiet for
-`debounce` seconds (at most `debounce * 30` after the first change), then handed to the
-sink on the event loop, each (kind, name) once, removals first. Something that came and
-went within one period is not reported; something that went and came back (a kernel or
-a source reinstalled) is reported removed, then added.
+compared with what was known; the changes go to a `watch_events.Debouncer`, which hands
+them to the sink on the event loop once the watched dirs have been quiet.
 
 Threads: watchdog's emitters and dispatcher only queue events; one worker thread of ours
 owns the state and the watches; the loop thread only takes the finished changes.
@@ -31,105 +28,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
 import structlog
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-    FileSystemMovedEvent,
-)
-from watchdog.observers.api import ObservedWatch
-from watchdog.observers.inotify import InotifyObserver
+from watchdog.events import DirDeletedEvent, FileDeletedEvent, FileSystemEvent, FileSystemMovedEvent
 
+from kmodd.dirwatch import DirWatches
 from kmodd.paths import Root
+from kmodd.watch_events import Debouncer, Key, WatchEvent, What
 
 log = structlog.get_logger(__name__)
 
-# Only entries appearing and disappearing matter: no IN_MODIFY, IN_ATTRIB, IN_CLOSE_*.
-_NOTICED: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-]
-_MAX_DELAY_FACTOR = 30
 _MAX_ROUNDS = 16
 _SYMVERS = "Module.symvers"
 _DKMS_CONF = "dkms.conf"
-
-
-class EventKind(StrEnum):
-    KERNEL_ADDED = "kernel-added"
-    HEADERS_ARRIVED = "headers-arrived"
-    KERNEL_REMOVED = "kernel-removed"
-    SOURCE_ADDED = "source-added"
-    SOURCE_REMOVED = "source-removed"
-
-
-_ORDER = (
-    EventKind.KERNEL_REMOVED,
-    EventKind.SOURCE_REMOVED,
-    EventKind.KERNEL_ADDED,
-    EventKind.HEADERS_ARRIVED,
-    EventKind.SOURCE_ADDED,
-)
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    kind: EventKind
-    name: str  # KVER, or the source dir name "NAME-VERSION"
-
-
-class _What(StrEnum):
-    """What can be present or not: a kernel, a kernel's headers, a source."""
-
-    KERNEL = "kernel"
-    HEADERS = "headers"
-    SOURCE = "source"
-
-
-_REPORTS: dict[_What, tuple[EventKind | None, EventKind]] = {
-    _What.KERNEL: (EventKind.KERNEL_REMOVED, EventKind.KERNEL_ADDED),
-    _What.HEADERS: (None, EventKind.HEADERS_ARRIVED),
-    _What.SOURCE: (EventKind.SOURCE_REMOVED, EventKind.SOURCE_ADDED),
-}
-
-
-@dataclass
-class _Change:
-    before: bool
-    now: bool
-    went: bool = False
-    came: bool = False
-
-
-def _events(changes: dict[tuple[_What, str], _Change]) -> list[WatchEvent]:
-    out: list[WatchEvent] = []
-    for (what, name), change in changes.items():
-        removed, added = _REPORTS[what]
-        if removed is not None and change.before and change.went:
-            out.append(WatchEvent(removed, name))
-        if change.now and change.came:
-            out.append(WatchEvent(added, name))
-    return sorted(out, key=lambda event: (_ORDER.index(event.kind), event.name))
 
 
 class _TopKind(StrEnum):
@@ -176,14 +94,6 @@ _Role = _Top | _KernelDir | _SourceDir | _Await
 _STOP = object()
 
 
-class _Forward(FileSystemEventHandler):
-    def __init__(self, inbox: queue.SimpleQueue[object]) -> None:
-        self._inbox = inbox
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        self._inbox.put(event)
-
-
 class Watcher:
     def __init__(
         self,
@@ -194,38 +104,22 @@ class Watcher:
         debounce: float = 1.0,
     ) -> None:
         self._root = root
-        self._sink = sink
-        self._loop = loop
-        self._debounce = debounce
+        self._changes = Debouncer(sink, loop=loop, debounce=debounce)
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._forward = _Forward(self._inbox)
-        self._observer: InotifyObserver | None = None
+        self._watches = DirWatches(self._inbox)
         self._thread: threading.Thread | None = None
         # Owned by start(), then by the worker thread.
         self._tops: dict[Path, _TopKind] = {}
         self._kernels: dict[Path, _Kernel] = {}
         self._sources: dict[str, _Source] = {}
-        self._watches: dict[Path, ObservedWatch] = {}
         self._roles: dict[Path, tuple[_Role, ...]] = {}
-        self._failed: set[Path] = set()
         self._recording = False
-        # Shared with the loop thread, under the lock.
-        self._lock = threading.Lock()
-        self._pending: dict[tuple[_What, str], _Change] = {}
-        self._first_change = 0.0
-        self._last_activity = 0.0
-        self._armed = False
-        self._stopping = False
-        self._timer: asyncio.TimerHandle | None = None
 
     # Life ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Watch, and learn what is there now (reported as nothing: it is the start)."""
-        if self._observer is not None:
-            raise RuntimeError("watcher already started")
-        self._observer = InotifyObserver()
-        self._observer.start()
+        self._watches.start()
         self._refresh_tops()
         self._settle()
         self._recording = True
@@ -235,18 +129,12 @@ class Watcher:
 
     def stop(self) -> None:
         """Stop watching; changes not yet delivered are dropped. Call on the loop thread."""
-        with self._lock:
-            self._stopping = True
-            timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
+        self._changes.stop()
         if self._thread is not None:
             self._inbox.put(_STOP)
             self._thread.join()
             self._thread = None
-        if self._observer is not None and self._observer.is_alive():
-            self._observer.stop()
-            self._observer.join()
+        self._watches.stop()
 
     # Worker thread ------------------------------------------------------------------
 
@@ -258,8 +146,7 @@ class Watcher:
                     batch.append(self._inbox.get_nowait())
             if _STOP in batch:
                 return
-            with self._lock:
-                self._last_activity = time.monotonic()
+            self._changes.activity()
             try:
                 for item in batch:
                     if isinstance(item, FileSystemEvent):
@@ -267,7 +154,7 @@ class Watcher:
                 self._settle()
             except OSError as err:  # a race with the tree changing: the next event mends it
                 log.warning("watch state not updated", error=str(err))
-            self._arm()
+            self._changes.arm()
 
     def _handle(self, event: FileSystemEvent) -> None:
         moved = isinstance(event, FileSystemMovedEvent)
@@ -280,7 +167,7 @@ class Watcher:
             if gone and path in self._watches:
                 # The dir itself went; its watch died with it, even if a new dir (maybe
                 # with the same inode number) is there now. Watch again what is wanted.
-                self._unwatch(path)
+                self._watches.discard(path)
                 self._refresh_awaits()
             for role in self._roles.get(path.parent, ()):
                 self._consider(role, path.name, gone=gone)
@@ -310,30 +197,20 @@ class Watcher:
 
     # State --------------------------------------------------------------------------
 
-    def _present(self, what: _What, name: str) -> bool:
-        if what is _What.SOURCE:
+    def _present(self, what: What, name: str) -> bool:
+        if what is What.SOURCE:
             source = self._sources.get(name)
             return source is not None and source.conf
         kernels = (k for k in self._kernels.values() if k.kver == name)
-        return any(k.ready or what is _What.KERNEL for k in kernels)
+        return any(k.ready or what is What.KERNEL for k in kernels)
 
     @contextlib.contextmanager
-    def _tracking(self, *keys: tuple[_What, str]) -> Iterator[None]:
+    def _tracking(self, *keys: Key) -> Iterator[None]:
         before = {key: self._present(*key) for key in keys}
         yield
-        if not self._recording:
-            return
-        for key, was in before.items():
-            now = self._present(*key)
-            if now == was:
-                continue
-            with self._lock:
-                if not self._pending:
-                    self._first_change = time.monotonic()
-                change = self._pending.setdefault(key, _Change(before=was, now=was))
-                change.now = now
-                change.came |= now
-                change.went |= not now
+        if self._recording:
+            for key, was in before.items():
+                self._changes.record(key, was, self._present(*key))
 
     def _refresh_tops(self) -> None:
         wanted: dict[Path, _TopKind] = {}
@@ -346,11 +223,11 @@ class Watcher:
                 continue
             del self._tops[top]
             for key in [key for key in self._kernels if key.parent == top]:
-                with self._tracking((_What.KERNEL, key.name), (_What.HEADERS, key.name)):
+                with self._tracking((What.KERNEL, key.name), (What.HEADERS, key.name)):
                     del self._kernels[key]
             if kind is _TopKind.SOURCES:
                 for name in list(self._sources):
-                    with self._tracking((_What.SOURCE, name)):
+                    with self._tracking((What.SOURCE, name)):
                         del self._sources[name]
         for top, kind in wanted.items():
             if top not in self._tops:
@@ -379,7 +256,7 @@ class Watcher:
 
     def _scan_kernel(self, key: Path, *, gone: bool) -> None:
         kver = key.name
-        keys = (_What.KERNEL, kver), (_What.HEADERS, kver)
+        keys = (What.KERNEL, kver), (What.HEADERS, kver)
         if gone:  # it went, whatever is there now (a reinstall is a removal and an add)
             with self._tracking(*keys):
                 self._kernels.pop(key, None)
@@ -398,9 +275,9 @@ class Watcher:
             return
         new = self._read_build(kernel)
         if gone or kernel.headers not in (None, new.headers):  # went, or now leads elsewhere
-            with self._tracking((_What.HEADERS, kernel.kver)):
+            with self._tracking((What.HEADERS, kernel.kver)):
                 self._kernels[key] = replace(kernel, headers=None, ready=False)
-        with self._tracking((_What.HEADERS, kernel.kver)):
+        with self._tracking((What.HEADERS, kernel.kver)):
             self._kernels[key] = new
 
     def _read_build(self, kernel: _Kernel) -> _Kernel:
@@ -413,9 +290,9 @@ class Watcher:
 
     def _scan_source(self, top: Path, name: str, *, gone: bool) -> None:
         if gone:
-            with self._tracking((_What.SOURCE, name)):
+            with self._tracking((What.SOURCE, name)):
                 self._sources.pop(name, None)
-        with self._tracking((_What.SOURCE, name)):
+        with self._tracking((What.SOURCE, name)):
             sdir = self._root.resolve(top / name)
             if not sdir.is_dir():
                 self._sources.pop(name, None)
@@ -429,9 +306,9 @@ class Watcher:
         if source is None:
             return
         if gone:
-            with self._tracking((_What.SOURCE, name)):
+            with self._tracking((What.SOURCE, name)):
                 self._sources[name] = replace(source, conf=False)
-        with self._tracking((_What.SOURCE, name)):
+        with self._tracking((What.SOURCE, name)):
             self._sources[name] = replace(source, conf=self._has_conf(source.sdir))
 
     def _has_conf(self, sdir: Path) -> bool:
@@ -483,8 +360,8 @@ class Watcher:
         for _ in range(_MAX_ROUNDS):
             want = self._desired()
             for path in [path for path in self._watches if path not in want]:
-                self._unwatch(path)
-            fresh = [path for path in want if path not in self._watches and self._watch(path)]
+                self._watches.discard(path)
+            fresh = [path for path in want if path not in self._watches and self._watches.add(path)]
             self._roles = {path: roles for path, roles in want.items() if path in self._watches}
             if not fresh:
                 return
@@ -492,52 +369,3 @@ class Watcher:
                 for role in want[path]:
                     self._rescan(role)
         log.warning("watches did not settle", rounds=_MAX_ROUNDS)
-
-    def _watch(self, path: Path) -> bool:
-        assert self._observer is not None
-        try:
-            watch = self._observer.schedule(
-                self._forward, os.fspath(path), recursive=False, event_filter=_NOTICED
-            )
-        except OSError as err:
-            if err.errno != errno.ENOENT and path not in self._failed:
-                log.warning("cannot watch", path=os.fspath(path), error=str(err))
-            self._failed.add(path)
-            return False
-        self._failed.discard(path)
-        self._watches[path] = watch
-        return True
-
-    def _unwatch(self, path: Path) -> None:
-        assert self._observer is not None
-        watch = self._watches.pop(path)
-        with contextlib.suppress(KeyError):
-            self._observer.unschedule(watch)
-
-    # Delivery -----------------------------------------------------------------------
-
-    def _arm(self) -> None:
-        with self._lock:
-            if not self._pending or self._armed or self._stopping:
-                return
-            self._armed = True
-        with contextlib.suppress(RuntimeError):  # the loop is closed: we are stopping
-            self._loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        """On the loop: deliver the changes if things have been quiet long enough."""
-        with self._lock:
-            self._timer = None
-            if self._stopping:
-                return
-            now = time.monotonic()
-            due = min(
-                self._last_activity + self._debounce,
-                self._first_change + self._debounce * _MAX_DELAY_FACTOR,
-            )
-            if now < due:
-                self._timer = self._loop.call_later(due - now, self._flush)
-                return
-            changes, self._pending, self._armed = self._pending, {}, False
-        for event in _events(changes):
-            self._loop.call_soon(self._sink, event)
