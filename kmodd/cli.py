@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -74,7 +75,16 @@ def _down(what: str) -> None:
 
 def _in_process(root: Root, work: Callable[[], list[Outcome]]) -> int:
     """Run changing work here, under the writers' lock the service also takes."""
-    with store.lock(root, wait=False):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(store.lock(root, wait=False))
+        except store.LockedError as err:
+            if _service(root) is None:
+                raise
+            raise store.LockedError(
+                f"{err}: the kmodd service is running; this command runs only while it is"
+                " stopped (systemctl stop kmodd)"
+            ) from None
         return _report(work())
 
 
@@ -135,6 +145,9 @@ def _install(args: argparse.Namespace, root: Root) -> int:
 
 def _uninstall(args: argparse.Namespace, root: Root) -> int:
     release = _kernel_or_running(args)
+    client = _service(root)
+    if client is not None:
+        return _via_service(client, release, client.uninstall(args.module, release), args.timeout)
     return _in_process(root, lambda: manage.uninstall(root, args.module, release, _options(args)))
 
 

@@ -33,6 +33,8 @@ class JobKind(StrEnum):
     SOURCE = "source"
     """Build or weak-link one source for one kernel."""
     REMOVE_KERNEL = "remove-kernel"
+    UNINSTALL = "uninstall"
+    """Remove one source from one kernel."""
     REMOVE_SOURCE = "remove-source"
 
 

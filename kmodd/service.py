@@ -98,6 +98,10 @@ class Service:
         manage.find_source(self.root, source)
         return self._enqueue(JobKind.SOURCE, release, source)
 
+    def uninstall(self, source: str, release: str) -> Job:
+        manage.find_source(self.root, source)
+        return self._enqueue(JobKind.UNINSTALL, release, source)
+
     def source_added(self, source: str) -> list[Job]:
         return [
             self._enqueue(JobKind.SOURCE, release, source)
@@ -215,6 +219,8 @@ class Service:
             )
         if job.kind is JobKind.REMOVE_KERNEL:
             return manage.remove_kernel(self.root, job.kernel, options)
+        if job.kind is JobKind.UNINSTALL:
+            return manage.uninstall(self.root, job.source, job.kernel, options)
         manage.forget_source(self.root, job.source)
         return []
 

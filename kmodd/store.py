@@ -41,6 +41,10 @@ class StoreError(KmoddError):
     exit_code = 5
 
 
+class LockedError(StoreError):
+    """The writers' lock is held by another process (the service, or another kmodctl)."""
+
+
 @dataclass(frozen=True)
 class Record:
     """What kmodd did, or could not do, for one module source and one kernel."""
@@ -204,7 +208,7 @@ def lock(root: Root, *, wait: bool = True) -> Iterator[None]:
             except BlockingIOError:
                 if not wait:
                     os.close(fd)
-                    raise StoreError(f"{path}: another kmodd is writing") from None
+                    raise LockedError(f"{path}: another kmodd is writing") from None
                 fcntl.flock(fd, fcntl.LOCK_EX)
             _held[path] = 1
     try:

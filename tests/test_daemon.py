@@ -83,6 +83,21 @@ def test_a_new_kernel_then_its_headers_are_noticed_and_done(tmp_path: Path, bus:
         plan = kmodctl(bus, root, "plan", "-k", K113)
         assert f"kmt-pair/1.0, {K113}: up-to-date: already installed-weak" in plan.stdout
 
+        # uninstall goes through the service: K113, which linked to K111's build, gets its own
+        gone = kmodctl(bus, root, "uninstall", "-m", "kmt-pair", "-k", K111)
+        assert gone.returncode == 0, gone.stdout + gone.stderr + server.output()
+        now = states(bus, root)
+        assert now[("kmt-pair", K111)] == "added"
+        assert now[("kmt-pair", K113)] == "installed"
+        assert not (root / "lib/modules" / K111 / "updates/dkms/kmt_pkga.ko.xz").exists()
+        weak = root / "lib/modules" / K113 / "weak-updates"
+        assert all(link.exists() for link in weak.rglob("*") if link.is_symlink())
+        # what the service cannot do for kmodctl is refused, saying why and what to do
+        busy = kmodctl(bus, root, "build", "-m", "kmt-base", "-k", K111)
+        assert busy.returncode == 5, busy.stderr
+        assert "the kmodd service is running" in busy.stderr
+        assert "systemctl stop kmodd" in busy.stderr
+
         # a source removed from /usr/src is removed from every kernel
         subprocess.run(["rm", "-rf", root / "usr/src/kmt-misc-1.0"], check=True)
         until(lambda: ("kmt-misc", K111) not in states(bus, root))

@@ -102,6 +102,7 @@ def test_the_interface_is_what_kmodctl_is_written_against(served: Served) -> Non
         "AddKernel": ("s", "t"),
         "RemoveKernel": ("s", "t"),
         "Build": ("ss", "t"),
+        "Uninstall": ("ss", "t"),
         "Cancel": ("t", "b"),
         "Wait": ("sd", "baa{ss}"),
         "GetLog": ("t", "s"),
@@ -146,6 +147,7 @@ def test_only_root_may_change_the_system(served: Served, client: Client) -> None
     for name, args in (
         ("add_kernel", [K113]),
         ("build", ["kmt-base", K113]),
+        ("uninstall", ["kmt-base", K113]),
         ("remove_kernel", [K113]),
         ("cancel", [1]),
     ):

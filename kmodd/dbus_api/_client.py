@@ -87,6 +87,9 @@ class Client:
     def build(self, module: str, kernel: str) -> int:
         return int(self._call("Build", "ss", module, kernel))
 
+    def uninstall(self, module: str, kernel: str) -> int:
+        return int(self._call("Uninstall", "ss", module, kernel))
+
     def cancel(self, job: int) -> bool:
         return bool(self._call("Cancel", "t", job))
 

@@ -162,6 +162,12 @@ class Manager(ServiceInterface):
             raise UsageError("a module source name is needed")
         return self._service.build(module, _release_arg(kernel)).id
 
+    @call("t", root_only=True, module="s", kernel="s")
+    def Uninstall(self, module: str, kernel: str) -> int:
+        if not module:
+            raise UsageError("a module source name is needed")
+        return self._service.uninstall(module, _release_arg(kernel)).id
+
     @call("b", root_only=True, job="t")
     def Cancel(self, job: int) -> bool:
         return self._service.cancel(job) is not None
