@@ -12,7 +12,15 @@ UNIT=/etc/systemd/system/kmodd.service
 POLICY=/usr/share/dbus-1/system.d/io.kmodd1.conf
 PLUGIN=/etc/kernel/install.d/40-kmodd.install
 HOOKS=(/etc/kernel/postinst.d/40-kmodd /etc/kernel/header_postinst.d/40-kmodd
-       /etc/kernel/prerm.d/40-kmodd)
+       /etc/kernel/prerm.d/40-kmodd /etc/kernel/postinst.d/zz-kmodd)
+# the initrd generators' hooks: each adds the REMAKE_INITRD modules kmodd installed
+# (`kmodctl initrd-modules`), and a check after each image is made (`kmodctl initrd-check`).
+# Put in place whether or not the generator is installed yet: it may come with the
+# first kernel.
+INITRD_HOOKS=(/usr/share/initramfs-tools/hooks/kmodd /etc/initramfs/post-update.d/kmodd
+              /usr/lib/dracut/modules.d/90kmodd/module-setup.sh)
+MKINITCPIO_HOOKS=(/etc/initcpio/install/kmodd /etc/initcpio/post/kmodd
+                  /etc/mkinitcpio.conf.d/kmodd.conf)
 PIDFILE=/run/kmodd.pid
 
 systemd_running() { [[ -d /run/systemd/system ]]; }
@@ -32,7 +40,9 @@ stop_service() {
 
 if [[ ${1:-} == --uninstall ]]; then
     stop_service
-    rm -f "$UNIT" "$POLICY" "$PLUGIN" "${HOOKS[@]}" "$SBIN/kmodctl" "$SBIN/kmodd"
+    rm -f "$UNIT" "$POLICY" "$PLUGIN" "${HOOKS[@]}" "${INITRD_HOOKS[@]}" \
+        "${MKINITCPIO_HOOKS[@]}" "$SBIN/kmodctl" "$SBIN/kmodd"
+    rmdir /usr/lib/dracut/modules.d/90kmodd 2>/dev/null || true
     systemd_running && systemctl daemon-reload || true
     [[ -S /run/dbus/system_bus_socket ]] && dbus-send --system --type=method_call \
         --dest=org.freedesktop.DBus / org.freedesktop.DBus.ReloadConfig 2>/dev/null || true
@@ -57,6 +67,16 @@ install -D -m 0755 kernel-install.d/40-kmodd.install "$PLUGIN"
 install -D -m 0755 debian-hooks/postinst /etc/kernel/postinst.d/40-kmodd
 install -D -m 0755 debian-hooks/header_postinst /etc/kernel/header_postinst.d/40-kmodd
 install -D -m 0755 debian-hooks/prerm /etc/kernel/prerm.d/40-kmodd
+install -D -m 0755 debian-hooks/postinst-check /etc/kernel/postinst.d/zz-kmodd
+install -D -m 0755 initrd/initramfs-tools/hook /usr/share/initramfs-tools/hooks/kmodd
+install -D -m 0755 initrd/initramfs-tools/post-update /etc/initramfs/post-update.d/kmodd
+install -D -m 0755 initrd/dracut/90kmodd/module-setup.sh \
+    /usr/lib/dracut/modules.d/90kmodd/module-setup.sh
+if [[ -e /etc/mkinitcpio.conf ]]; then  # Arch's generator (not packaged by Debian)
+    install -D -m 0755 initrd/mkinitcpio/install /etc/initcpio/install/kmodd
+    install -D -m 0755 initrd/mkinitcpio/post /etc/initcpio/post/kmodd
+    install -D -m 0644 initrd/mkinitcpio/kmodd.conf /etc/mkinitcpio.conf.d/kmodd.conf
+fi
 install -d -m 0755 /var/lib/kmodd
 
 if systemd_running; then

@@ -34,6 +34,9 @@ _RECORDED = {
 
 @dataclass(frozen=True)
 class Outcome:
+    """What one run did for one source on one kernel: the same object in-process and,
+    through `json()`/`from_json()`, over the bus."""
+
     name: str
     version: str
     kernel: str
@@ -41,10 +44,63 @@ class Outcome:
     state: State | None
     detail: str
     log: Path | None = None
+    weak_from: str | None = None
 
     @property
     def failed(self) -> bool:
         return self.state is State.FAILED
+
+    def text(self) -> str:
+        """The line an admin reads in the package manager's output:
+        `kmodd: NAME/VERSION for KVER: weak-linked from KVER0 | built | failed (...)`,
+        with ` (up-to-date)` when this run found it already so."""
+        fate = self._fate()
+        if self.action is Action.UP_TO_DATE and self.state is not None:
+            fate += " (up-to-date)"
+        return f"kmodd: {self.name}/{self.version} for {self.kernel}: {fate}"
+
+    def _fate(self) -> str:
+        if self.state is State.INSTALLED_WEAK:
+            return f"weak-linked from {self.weak_from}"
+        if self.state is State.INSTALLED:
+            return "built"
+        if self.state is State.BUILT:
+            return "built (not installed)"
+        if self.state is State.FAILED:
+            where = f"; log: {self.log}" if self.log else ""
+            return f"failed ({self.detail}{where})"
+        if self.state is State.ADDED:
+            return f"removed ({self.detail})" if self.detail else "removed"
+        if self.state is None:
+            return f"{self.action.value} ({self.detail})"
+        return f"{self.state.value} ({self.detail})"
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kernel": self.kernel,
+            "action": self.action.value,
+            "state": None if self.state is None else self.state.value,
+            "detail": self.detail,
+            "log": None if self.log is None else os.fspath(self.log),
+            "weak_from": self.weak_from,
+            "failed": self.failed,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Outcome:
+        state = doc.get("state")
+        return cls(
+            doc["name"],
+            doc["version"],
+            doc["kernel"],
+            Action(doc["action"]),
+            None if state is None else State(state),
+            doc.get("detail") or "",
+            Path(doc["log"]) if doc.get("log") else None,
+            doc.get("weak_from") or None,
+        )
 
 
 @dataclass(frozen=True)
@@ -106,11 +162,22 @@ class _Run:
         if self.changed:
             install.depmod(self.root, self.k.release)
             if self.remake_initrd and self.options.initrd:
-                initrd.regenerate(self.root, self.k.release)
+                self._remake_initrd()
             self._pending.unlink(missing_ok=True)
         if self.installed_now and self.k.release == os.uname().release:
             devices.load_for_present_devices(self.root, self.installed_now)
         return self.outcomes
+
+    def _remake_initrd(self) -> None:
+        """Remake the initrd, then check that it holds what it should; a failure to
+        remake or to list is said (log, status) but stops nothing."""
+        release = self.k.release
+        try:
+            image = initrd.regenerate(self.root, release)
+            if image is not None:
+                initrd.verify(self.root, self.db, release, image)
+        except KmoddError as err:
+            log.warning("initrd not remade or not checked", kver=release, problem=str(err))
 
     # one decision at a time -------------------------------------------------------------
 
@@ -118,10 +185,27 @@ class _Run:
         """Record `state` for `d`'s source on this kernel."""
         self.db.put(Record(d.name, d.version, d.kernel, self.arch, state, **fields))
 
-    def _say(self, d: Decision, state: State | None, detail: str, log: Path | None = None) -> None:
-        self.outcomes.append(Outcome(d.name, d.version, d.kernel, d.action, state, detail, log))
+    def _say(
+        self,
+        d: Decision,
+        state: State | None,
+        detail: str,
+        log: Path | None = None,
+        weak_from: str | None = None,
+    ) -> None:
+        self.outcomes.append(
+            Outcome(d.name, d.version, d.kernel, d.action, state, detail, log, weak_from)
+        )
 
     def _note(self, d: Decision) -> None:
+        if d.action is Action.UP_TO_DATE:
+            # what is installed, said as its fate: the job that did it may have been
+            # another (the watcher's), and the admin reading apt's output wants the fate
+            now = self.db.record(d.name, d.version, d.kernel)
+            if now is not None:
+                logfile = Path(now.log) if now.log else None
+                self._say(d, now.state, d.reason, logfile, now.weak_from)
+                return
         state = _RECORDED.get(d.action)
         if state is not None:
             old = self.db.record(d.name, d.version, d.kernel)
@@ -147,7 +231,7 @@ class _Run:
             remake_initrd=d.conf.remake_initrd,
         )
         self._changed(d.conf.remake_initrd)
-        self._say(d, State.INSTALLED_WEAK, d.reason)
+        self._say(d, State.INSTALLED_WEAK, d.reason, weak_from=d.weak_from)
 
     def _retire(self, old: Record, keep: tuple[str, ...] = ()) -> None:
         install.remove_files(self.root, [f for f in old.files if f not in keep])

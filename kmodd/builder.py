@@ -9,6 +9,7 @@ The full log stays beside the artefacts, also (above all) when the build fails.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import uuid
@@ -73,7 +74,7 @@ def build(root: Root, source: SourceDir, k: Kernel, *, config: Config, jobs: int
         try:
             modules = _build_in(root, conf, k, work, out, logfile, config=config, jobs=jobs)
         except (CommandError, OSError, KmoddError) as err:
-            problem = _problem(err)
+            problem = _problem(err, logfile)
             with logfile.open("a") as f:
                 f.write(f"# kmodd: build failed: {problem}\n")
             bound.warning("build failed", problem=problem, log=os.fspath(logfile))
@@ -86,8 +87,35 @@ def build(root: Root, source: SourceDir, k: Kernel, *, config: Config, jobs: int
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _problem(err: Exception) -> str:
+# What a compiler, the linker or modpost says first when a build goes wrong; the make
+# lines that follow ("make[2]: *** [...] Error 1") only repeat that something did.
+_ERROR_RE = re.compile(
+    r"(?:^|\s)(?:fatal )?error:|^ERROR: modpost:|undefined reference to|^ERROR: ",
+    re.IGNORECASE,
+)
+_ERROR_SCAN_BYTES = 4 << 20
+_ERROR_CHARS = 300
+
+
+def first_error(logfile: Path) -> str | None:
+    """The first error line of a build log (its first 4 MiB), shortened to one line."""
+    try:
+        with logfile.open("rb") as f:
+            text = f.read(_ERROR_SCAN_BYTES).decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if _ERROR_RE.search(line) and not line.startswith("+ "):
+            line = " ".join(line.split())
+            return line if len(line) <= _ERROR_CHARS else line[: _ERROR_CHARS - 1] + "…"
+    return None
+
+
+def _problem(err: Exception, logfile: Path) -> str:
     if isinstance(err, CommandError):
+        first = first_error(logfile)
+        if first is not None:
+            return f"first error: {first}"
         return f"{shlex.join(err.argv)[:200]} exited with status {err.returncode}"
     if isinstance(err, FileNotFoundError | shutil.Error):
         return f"source vanished during the build ({err})"

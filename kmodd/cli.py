@@ -12,9 +12,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from kmodd import __version__, check, dbus_api, kernel, log, manage, plan, status, store
+from kmodd import __version__, check, dbus_api, initrd, kernel, log, manage, plan, status, store
 from kmodd.autoinstall import Options, Outcome, autoinstall
 from kmodd.errors import EXIT_CODES, BuildError, KmoddError, NotFoundError, UsageError
 from kmodd.paths import Root
@@ -50,16 +49,10 @@ def _options(args: argparse.Namespace) -> Options:
 
 
 def _report(outcomes: list[Outcome]) -> int:
-    return _report_dicts([{**o.__dict__, "failed": o.failed} for o in outcomes])
-
-
-def _report_dicts(outcomes: list[dict[str, Any]]) -> int:
-    for o in outcomes:
-        line = f"{o['name']}/{o['version']}, {o['kernel']}: {o['action']}: {o['detail']}"
-        if o.get("log") and o.get("failed"):
-            line += f" (log: {o['log']})"
-        print(line)
-    return EXIT_SOME_FAILED if any(o.get("failed") for o in outcomes) else 0
+    """One line per source, the same through the service or in-process."""
+    for outcome in outcomes:
+        print(outcome.text(), flush=True)
+    return EXIT_SOME_FAILED if any(o.failed for o in outcomes) else 0
 
 
 def _service(root: Root) -> dbus_api.Client | None:
@@ -95,11 +88,11 @@ def _via_service(client: dbus_api.Client, release: str, job: int, timeout: float
         print(f"kmodctl: {release}: still busy after {timeout:.0f} s (job {job})", file=sys.stderr)
         return TIMEOUT_EXIT
     mine = [j for j in jobs if j.get("id") == str(job)] or jobs[:1]
-    outcomes = json.loads(mine[0]["outcomes"]) if mine else []
+    outcomes = [Outcome.from_json(doc) for doc in json.loads(mine[0]["outcomes"])] if mine else []
     if mine and mine[0].get("state") == "failed" and not outcomes:
         print(f"kmodctl: job {job}: {mine[0].get('detail')}", file=sys.stderr)
         return EXIT_SOME_FAILED
-    return _report_dicts(outcomes)
+    return _report(outcomes)
 
 
 def _kernel_or_running(args: argparse.Namespace) -> str:
@@ -178,6 +171,43 @@ def _status(args: argparse.Namespace, root: Root) -> int:
         print(f"kmodctl: no module sources in {root.outside(root.usr_src)}", file=sys.stderr)
     for line in [] if args.json else lines:
         print(line.text())
+    return 0
+
+
+def _initrd_modules(args: argparse.Namespace, root: Root) -> int:
+    """For initrd generators' hooks: the names to add, one per line. Reads the state
+    directly, never the bus: the generator may be running inside the service's own job."""
+    if not (root.state_dir / "state.db").exists():
+        return 0  # kmodd has installed nothing yet
+    with Store.open(root) as db:
+        for name in initrd.modules_for(root, db, args.kernel):
+            print(name)
+    return 0
+
+
+def _initrd_check(args: argparse.Namespace, root: Root) -> int:
+    """After an initrd was made: does it hold the REMAKE_INITRD modules? One line for the
+    package manager's output either way. Writes only the check's own record, so it needs
+    no writers' lock (a generator's hook may run inside the service's job)."""
+    if not (root.state_dir / "state.db").exists():
+        return 0
+    image = root.path(args.image) if args.image else None
+    with Store.open(root) as db:
+        check = initrd.verify(root, db, args.kernel, image)
+    if check is None:
+        return 0
+    if check.missing:
+        print(
+            f"kmodd: WARNING: initrd {check.image} for {args.kernel} lacks "
+            f"{', '.join(check.missing)}, which kmodd installed with REMAKE_INITRD=yes; "
+            f"remake it (update-initramfs -u -k {args.kernel}) before rebooting",
+            file=sys.stderr,
+        )
+        return EXIT_SOME_FAILED
+    print(
+        f"kmodd: initrd {check.image} for {args.kernel} holds {', '.join(check.expected)}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -302,6 +332,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser(
+        "initrd-modules",
+        help="the modules kmodd installed for KVER that belong in its initrd",
+        description="Print, one per line, the module names of the REMAKE_INITRD sources "
+        "kmodd has built or weak-linked for KVER: what kmodd's initramfs-tools, dracut and "
+        "mkinitcpio hooks add to the initrd.",
+    )
+    p.add_argument("-k", "--kernel", required=True, metavar="KVER")
+    p.set_defaults(func=_initrd_modules)
+
+    p = sub.add_parser(
+        "initrd-check",
+        help="does KVER's initrd hold the modules that belong in it?",
+        description="List KVER's initrd (lsinitramfs, lsinitrd or lsinitcpio) and record, "
+        "for `status`, which REMAKE_INITRD modules it lacks. Exit 7 when some are missing.",
+    )
+    p.add_argument("-k", "--kernel", required=True, metavar="KVER")
+    p.add_argument("--image", metavar="PATH", help="the image (default: KVER's in /boot)")
+    p.set_defaults(func=_initrd_check)
 
     p = sub.add_parser("wait", help="block until a kernel's modules are in place")
     p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")

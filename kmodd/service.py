@@ -10,7 +10,6 @@ import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import structlog
 
@@ -133,9 +132,10 @@ class Service:
         lines = [f"job {job.id}: {job.kind} {job.source or ''} {job.kernel}: {job.state}"]
         if job.detail:
             lines.append(job.detail)
-        for o in json.loads(job.outcomes):
-            lines.append(f"{o['name']}/{o['version']}, {o['kernel']}: {o['action']}: {o['detail']}")
-            logfile = Path(o["log"]) if o.get("log") and o.get("failed") else None
+        for doc in json.loads(job.outcomes):
+            o = Outcome.from_json(doc)
+            lines.append(o.text())
+            logfile = o.log if o.failed else None
             if logfile and logfile.is_file():
                 tail = logfile.read_text(errors="replace").splitlines()[-40:]
                 lines.extend("    " + t for t in tail)
@@ -197,9 +197,7 @@ class Service:
             job = self.queue.finish(job, JobState.FAILED, f"internal error: {err}")
         else:
             failed = any(o.failed for o in outcomes)
-            doc = json.dumps(
-                [{**dataclasses.asdict(o), "failed": o.failed} for o in outcomes], default=str
-            )
+            doc = json.dumps([o.json() for o in outcomes])
             state = JobState.FAILED if failed else JobState.DONE
             detail = f"{sum(o.failed for o in outcomes)} failed" if failed else "done"
             job = self.queue.finish(job, state, detail, doc)

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from kmodd import devices, dkms_compat, dkmsconf, kernel, modfile
+from kmodd import devices, dkms_compat, dkmsconf, initrd, kernel, modfile
 from kmodd.paths import Root
 from kmodd.plan import files_present
 from kmodd.state import State
@@ -34,6 +34,11 @@ class Line:
     detail: str | None = None
     loaded: bool | None = None
     """For the running kernel: whether its modules are loaded now."""
+    in_initrd: bool | None = None
+    """For a REMAKE_INITRD source: whether the kernel's initrd, as last listed, holds
+    its modules (None: not listed since the image last changed, or not applicable)."""
+    initrd: str | None = None
+    """The image that `in_initrd` speaks of."""
 
     def text(self) -> str:
         """DKMS's shape: `acpi-call/1.2.2, 6.12.113+deb12-amd64, x86_64: installed`."""
@@ -46,6 +51,10 @@ class Line:
             state = f"{state} ({self.detail})"
         if self.loaded:
             state += ", loaded"
+        if self.in_initrd is not None:
+            state += ", in initrd" if self.in_initrd else f", NOT in its initrd {self.initrd}"
+        if not self.kernel:
+            return f"{self.module}/{self.version}: {state} ({self.detail})"
         return f"{self.module}/{self.version}, {self.kernel}, {self.arch}: {state}"
 
     @classmethod
@@ -59,6 +68,8 @@ class Line:
             doc.get("weak_from") or None,
             doc.get("log") or None,
             doc.get("detail") or None,
+            in_initrd=_tristate(doc.get("in_initrd")),
+            initrd=doc.get("initrd") or None,
         )
 
     def json(self) -> dict[str, Any]:
@@ -71,7 +82,16 @@ class Line:
             "weak_from": self.weak_from,
             "log": self.log,
             "detail": self.detail,
+            "in_initrd": self.in_initrd,
+            "initrd": self.initrd,
         }
+
+
+def _tristate(value: object) -> bool | None:
+    """True, False or None, also from the bus's strings ("true", "false", "")."""
+    if isinstance(value, bool) or value is None:
+        return value
+    return {"true": True, "false": False}.get(str(value).lower())
 
 
 def status(
@@ -80,6 +100,13 @@ def status(
     kernels = [release] if release else kernel.installed_releases(root)
     arches = {r: kernel.find(root, r).arch or os.uname().machine for r in kernels}
     sources = {(s.name, s.version) for s in dkmsconf.find_sources(root)}
+    if not kernels and not release:
+        # sources, but no kernel yet (a fresh image, a container): say so per source
+        return [
+            Line(n, v, "", "", State.ADDED, detail="no kernel installed")
+            for n, v in sorted(sources)
+            if not name or n == name
+        ]
     records = {(r.name, r.version, r.kernel): r for r in db.records(name=name, kernel=release)}
     lines = []
     for rec_key, record in records.items():
@@ -117,6 +144,12 @@ def _line(root: Root, db: Store, record: Record) -> Line:
     if state in (State.INSTALLED, State.INSTALLED_WEAK) and record.kernel == os.uname().release:
         loaded = all(devices.is_loaded(root, modfile.module_name(Path(f))) for f in record.files)
     weak_from = record.weak_from if state is State.INSTALLED_WEAK else None
+    in_initrd, image = None, None
+    if state in (State.INSTALLED, State.INSTALLED_WEAK) and record.remake_initrd:
+        check = initrd.current(root, db.initrd(record.kernel))
+        if check is not None:
+            mine = {modfile.module_name(Path(f)) for f in record.files}
+            in_initrd, image = not mine & set(check.missing), check.image
     return Line(
         record.name,
         record.version,
@@ -127,4 +160,6 @@ def _line(root: Root, db: Store, record: Record) -> Line:
         record.log,
         detail,
         loaded,
+        in_initrd,
+        image,
     )

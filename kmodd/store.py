@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS records (
     state TEXT NOT NULL, weak_from TEXT, log TEXT, detail TEXT, files TEXT NOT NULL DEFAULT '[]',
     remake_initrd INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL,
     PRIMARY KEY (name, version, kernel, arch));
+-- the last listing of a kernel's initrd (added in place: older readers ignore it)
+CREATE TABLE IF NOT EXISTS initrds (
+    kernel TEXT PRIMARY KEY, image TEXT NOT NULL, mtime_ns INTEGER NOT NULL,
+    expected TEXT NOT NULL, missing TEXT NOT NULL, checked REAL NOT NULL);
 """
 
 
@@ -61,6 +65,20 @@ class Record:
     """Installed files and weak links, as paths inside the root (`/lib/modules/...`)."""
     remake_initrd: bool = False
     updated: float = 0.0
+
+
+@dataclass(frozen=True)
+class InitrdCheck:
+    """What the last listing of a kernel's initrd found of the modules kmodd owes it."""
+
+    kernel: str
+    image: str
+    """The image, as a path inside the root (`/boot/initrd.img-KVER`)."""
+    mtime_ns: int
+    """The image's mtime when listed: a newer image has not been checked."""
+    expected: tuple[str, ...]
+    missing: tuple[str, ...]
+    checked: float = 0.0
 
 
 class Store:
@@ -152,6 +170,7 @@ class Store:
 
     def delete_kernel(self, kernel: str) -> None:
         self._db.execute("DELETE FROM records WHERE kernel = ?", (kernel,))
+        self.forget_initrd(kernel)
 
     def records(self, *, name: str | None = None, kernel: str | None = None) -> list[Record]:
         query = "SELECT * FROM records WHERE (? IS NULL OR name = ?) AND (? IS NULL OR kernel = ?)"
@@ -166,6 +185,41 @@ class Store:
             (name, version, kernel),
         ).fetchall()
         return _record(rows[0]) if rows else None
+
+    # initrd checks ----------------------------------------------------------------------
+
+    def put_initrd(self, check: InitrdCheck) -> InitrdCheck:
+        stamped = InitrdCheck(**{**check.__dict__, "checked": time.time()})
+        self._db.execute(
+            "INSERT OR REPLACE INTO initrds (kernel, image, mtime_ns, expected, missing, "
+            "checked) VALUES (?,?,?,?,?,?)",
+            (
+                stamped.kernel,
+                stamped.image,
+                stamped.mtime_ns,
+                json.dumps(list(stamped.expected)),
+                json.dumps(list(stamped.missing)),
+                stamped.checked,
+            ),
+        )
+        return stamped
+
+    def initrd(self, kernel: str) -> InitrdCheck | None:
+        row = self._db.execute("SELECT * FROM initrds WHERE kernel = ?", (kernel,)).fetchone()
+        if row is None:
+            return None
+        kver, image, mtime_ns, expected, missing, checked = row
+        return InitrdCheck(
+            str(kver),
+            str(image),
+            int(mtime_ns),
+            tuple(json.loads(str(expected))),
+            tuple(json.loads(str(missing))),
+            float(checked),
+        )
+
+    def forget_initrd(self, kernel: str) -> None:
+        self._db.execute("DELETE FROM initrds WHERE kernel = ?", (kernel,))
 
 
 def _record(row: tuple[object, ...]) -> Record:

@@ -126,6 +126,8 @@ def test_status_answers_root_and_everyone_else(served: Served, client: Client) -
         "weak_from",
         "log",
         "detail",
+        "in_initrd",
+        "initrd",
     }
     assert mine[0]["weak_from"] == ""  # None travels as ""
     theirs = served.other.call(served.bus, "status", "", K113)

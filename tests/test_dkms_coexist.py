@@ -139,8 +139,8 @@ def test_kmodd_reports_what_dkms_installed_and_leaves_it_alone(system: DkmsSyste
     proc = kmodctl(system.root, "autoinstall", "-k", K113)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines() == [
-        f"acpi-call/1.2.2, {K113}: managed-by-dkms: DKMS installed acpi-call/1.2.2 for {K113}; "
-        "`kmodctl adopt -m acpi-call` takes it over"
+        f"kmodd: acpi-call/1.2.2 for {K113}: managed-by-dkms (DKMS installed acpi-call/1.2.2 "
+        f"for {K113}; `kmodctl adopt -m acpi-call` takes it over)"
     ]
     assert identity(installed) == before
     assert sorted(system.updates.iterdir()) == [installed]
@@ -155,7 +155,7 @@ def test_adopt_replaces_dkms_build_with_kmodds(system: DkmsSystem) -> None:
     dkms_bytes = system.installed().read_bytes()
     proc = kmodctl(system.root, "adopt", "-m", "acpi-call")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines() == [f"acpi-call/1.2.2, {K113}: build: built and installed"]
+    assert proc.stdout.splitlines() == [f"kmodd: acpi-call/1.2.2 for {K113}: built"]
 
     proc = kmodctl(system.root, "status")
     assert proc.stdout.splitlines() == [f"acpi-call/1.2.2, {K113}, {ARCH}: installed"]
@@ -175,5 +175,5 @@ def test_adopt_replaces_dkms_build_with_kmodds(system: DkmsSystem) -> None:
 
     again = kmodctl(system.root, "autoinstall", "-k", K113)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.splitlines() == [f"acpi-call/1.2.2, {K113}: up-to-date: already installed"]
+    assert again.stdout.splitlines() == [f"kmodd: acpi-call/1.2.2 for {K113}: built (up-to-date)"]
     assert installed.read_bytes() == (artefacts / installed.name).read_bytes()

@@ -60,7 +60,7 @@ def signed_system(tmp_path: Path, config: str | None) -> Path:
         write_config(root, config.format(key=key, cert=cert))
     proc = kmodctl(root, "autoinstall", "-k", K113, "--no-initrd")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.splitlines() == [f"kmt-base/1.0, {K113}: build: built and installed"]
+    assert proc.stdout.splitlines() == [f"kmodd: kmt-base/1.0 for {K113}: built"]
     return root
 
 
