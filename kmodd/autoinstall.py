@@ -174,8 +174,9 @@ class _Run:
         release = self.k.release
         try:
             image = initrd.regenerate(self.root, release)
-            if image is not None:
-                initrd.verify(self.root, self.db, release, image)
+            check = None if image is None else initrd.verify(self.root, self.db, release, image)
+            if check is not None and check.missing:
+                log.warning("initrd lacks modules", kver=release, missing=list(check.missing))
         except KmoddError as err:
             log.warning("initrd not remade or not checked", kver=release, problem=str(err))
 
