@@ -15,7 +15,7 @@ depends() {
 
 installkernel() {
     local kmodctl modules
-    kmodctl=$(command -v kmodctl || echo /usr/local/sbin/kmodctl)
+    kmodctl=$(command -v kmodctl) || kmodctl=/usr/local/sbin/kmodctl  # apt's PATH lacks it
     [[ -x $kmodctl ]] || return 0
     if ! modules=$("$kmodctl" initrd-modules --kernel "${kernel:?}"); then
         dwarn "kmodd: cannot tell which modules belong in the initrd for $kernel"
