@@ -9,6 +9,7 @@ cd "$(dirname "$0")"
 PREFIX=/opt/kmodd
 SBIN=/usr/local/sbin
 UNIT=/etc/systemd/system/kmodd.service
+TMPFILES=/etc/tmpfiles.d/kmodd.conf
 POLICY=/usr/share/dbus-1/system.d/io.kmodd1.conf
 PLUGIN=/etc/kernel/install.d/40-kmodd.install
 HOOKS=(/etc/kernel/postinst.d/40-kmodd /etc/kernel/header_postinst.d/40-kmodd
@@ -40,7 +41,7 @@ stop_service() {
 
 if [[ ${1:-} == --uninstall ]]; then
     stop_service
-    rm -f "$UNIT" "$POLICY" "$PLUGIN" "${HOOKS[@]}" "${INITRD_HOOKS[@]}" \
+    rm -f "$UNIT" "$TMPFILES" "$POLICY" "$PLUGIN" "${HOOKS[@]}" "${INITRD_HOOKS[@]}" \
         "${MKINITCPIO_HOOKS[@]}" "$SBIN/kmodctl" "$SBIN/kmodd"
     rmdir /usr/lib/dracut/modules.d/90kmodd 2>/dev/null || true
     systemd_running && systemctl daemon-reload || true
@@ -78,6 +79,13 @@ if [[ -e /etc/mkinitcpio.conf ]]; then  # Arch's generator (not packaged by Debi
     install -D -m 0644 initrd/mkinitcpio/kmodd.conf /etc/mkinitcpio.conf.d/kmodd.conf
 fi
 install -d -m 0755 /var/lib/kmodd
+# the modules dir the service writes, there before it starts (see the unit)
+install -D -m 0644 systemd/kmodd.tmpfiles "$TMPFILES"
+if command -v systemd-tmpfiles >/dev/null; then
+    systemd-tmpfiles --create "$TMPFILES"
+else
+    install -d -m 0755 /lib/modules
+fi
 
 if systemd_running; then
     install -D -m 0644 systemd/kmodd.service "$UNIT"

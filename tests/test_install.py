@@ -24,6 +24,7 @@ INSTALLED = [
     Path("/etc/kernel/header_postinst.d/40-kmodd"),
     Path("/etc/kernel/prerm.d/40-kmodd"),
     Path("/etc/kernel/postinst.d/zz-kmodd"),
+    Path("/etc/tmpfiles.d/kmodd.conf"),
     Path("/usr/share/initramfs-tools/hooks/kmodd"),
     Path("/etc/initramfs/post-update.d/kmodd"),
     Path("/usr/lib/dracut/modules.d/90kmodd/module-setup.sh"),
