@@ -44,13 +44,20 @@ def atomic_symlink(target: str, link: Path) -> None:
 
 def remove(path: Path) -> bool:
     """Remove a file or link if it is there; prune the directories it leaves empty up to
-    (not including) a `modules` parent's kernel dir. True when something was removed."""
+    (not including) the kernel's own dir, `…/modules/KVER` (never into `kernel/`): a
+    kernel package's removal then leaves no `updates/` behind that would keep the kernel
+    looking installed. True when something was removed."""
     try:
         path.unlink()
     except FileNotFoundError:
         return False
     parent = path.parent
-    while parent.name not in ("updates", "extra", "weak-updates", "kernel") and _rmdir(parent):
+    while (
+        parent.parent.name != "modules"
+        and parent.name != "kernel"
+        and parent != parent.parent
+        and _rmdir(parent)
+    ):
         parent = parent.parent
     return True
 

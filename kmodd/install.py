@@ -94,25 +94,10 @@ def _remove_other_forms(path: Path) -> None:
 
 
 def remove_files(root: Root, files: list[str]) -> None:
-    """Remove installed files and links recorded as paths inside the root, and the
-    directories that leaves empty below the kernel's own (`updates/dkms`,
-    `weak-updates/NAME`): a kernel package's removal then leaves no dir behind."""
+    """Remove installed files and links recorded as paths inside the root (and the
+    directories that leaves empty, up to the kernel's own)."""
     for inside in files:
-        path = root.path(inside)
-        fsutil.remove(path)
-        _prune_empty(root, path.parent)
-
-
-def _prune_empty(root: Root, directory: Path) -> None:
-    tops = set(root.modules_dirs)
-    if not any(top in directory.parents for top in tops):
-        return
-    while directory.parent not in tops:  # never the kernel's modules dir itself
-        try:
-            directory.rmdir()
-        except OSError:
-            return  # not empty (or already gone above): stop here
-        directory = directory.parent
+        fsutil.remove(root.path(inside))
 
 
 def depmod(root: Root, release: str) -> None:
