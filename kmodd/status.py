@@ -147,8 +147,8 @@ def _line(root: Root, db: Store, record: Record) -> Line:
     in_initrd, image = None, None
     if state in (State.INSTALLED, State.INSTALLED_WEAK) and record.remake_initrd:
         check = initrd.current(root, db.initrd(record.kernel))
-        if check is not None:
-            mine = {modfile.module_name(Path(f)) for f in record.files}
+        mine = {modfile.module_name(Path(f)) for f in record.files}
+        if check is not None and mine <= set(check.expected):  # else: not listed for these
             in_initrd, image = not mine & set(check.missing), check.image
     return Line(
         record.name,

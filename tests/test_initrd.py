@@ -124,3 +124,21 @@ def test_a_root_where_kmodd_never_ran_gives_the_hooks_nothing(tmp_path: Path) ->
         proc = kmodctl(root, command, "-k", K111)
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), proc
     assert not (root / "var/lib/kmodd").exists(), "a read creates no state"
+
+
+def test_a_source_installed_after_the_listing_is_not_claimed_to_be_in_it(system: System) -> None:
+    """An image listed before a REMAKE_INITRD source came: status claims nothing for it."""
+    root = system.root
+    holding = image(root / f"boot/initrd.img-{K111}", K111, ["updates/dkms/kmt_simple.ko.xz"])
+    os.utime(holding, ns=(3, 3))
+    assert kmodctl(root, "initrd-check", "-k", K111).returncode == 0
+    write_source(
+        root,
+        "kmt-later",
+        modules=("kmt_kmalloc",),
+        extra='AUTOINSTALL="yes"\nREMAKE_INITRD="yes"\n',
+    )
+    done = kmodctl(root, "install", "-m", "kmt-later", "-k", K111, "--no-initrd")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert line_for(root, "kmt-later", K111).endswith(": installed")
+    assert line_for(root, "kmt-base", K111).endswith(": installed, in initrd")
