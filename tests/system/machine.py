@@ -79,25 +79,37 @@ def _kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _run(argv: list[str], timeout: float) -> str:
-    """Run a host command in its own process group; raise with its output tail on failure."""
+def _spawn(
+    argv: list[str], timeout: float, *, merge_stderr: bool = False
+) -> tuple[int | None, str, str]:
+    """Run `argv` in its own process group with a clean environment: (exit status, or
+    None when it timed out and its whole group was killed; stdout; stderr)."""
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
         text=True,
         errors="replace",
         env=_clean_env(),
         start_new_session=True,
     )
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        raise MachineError(f"{argv} timed out after {timeout:g} s") from None
-    if proc.returncode != 0:
-        raise MachineError(f"{argv} exited {proc.returncode}:\n{_tail(output)}")
+        stdout, stderr = proc.communicate()
+        return None, stdout, stderr or ""
+    return proc.returncode, stdout, stderr or ""
+
+
+def _run(argv: list[str], timeout: float) -> str:
+    """Run a host command in its own process group; raise with its output tail on failure."""
+    returncode, output, _ = _spawn(argv, timeout, merge_stderr=True)
+    if returncode is None:
+        raise MachineError(f"{argv} timed out after {timeout:g} s")
+    if returncode != 0:
+        raise MachineError(f"{argv} exited {returncode}:\n{_tail(output)}")
     return output
 
 
@@ -405,26 +417,13 @@ class Machine:
         from the user's home. With `check`, a non-zero exit raises an AssertionError
         showing the command, its status and the tail of both streams."""
         argv = self._argv(cmd, user, env)
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            env=_clean_env(),
-            start_new_session=True,
-        )
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            stdout, stderr = proc.communicate()
+        returncode, stdout, stderr = _spawn(argv, timeout)
+        if returncode is None:
             raise AssertionError(
                 f"in {self.name} as {user}, timed out after {timeout:g} s (killed): {cmd}\n"
                 f"--- stdout tail ---\n{_tail(stdout)}\n--- stderr tail ---\n{_tail(stderr)}"
-            ) from None
-        result = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+            )
+        result = subprocess.CompletedProcess(argv, returncode, stdout, stderr)
         if check and result.returncode != 0:
             raise AssertionError(
                 f"in {self.name} as {user}, exit status {result.returncode}: {cmd}\n"
