@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
@@ -247,34 +248,41 @@ class _Run:
     # builds ------------------------------------------------------------------------------
 
     def _build_all(self, builds: list[Decision]) -> None:
-        """Build in parallel, REMAKE_INITRD sources first; a source waits for the
-        BUILD_DEPENDS built in this run."""
-        first = sorted(builds, key=lambda d: not (d.conf and d.conf.remake_initrd))
-        pending = {d.name: d for d in first}
+        """Build in parallel in BUILD_DEPENDS order (graphlib), REMAKE_INITRD sources
+        first among those ready. A cycle fails its members, named; what depends on a
+        failed source fails too; the rest go on."""
+        by_name = {d.name: d for d in builds}
+        graph = {d.name: set(_depends(d)) & by_name.keys() for d in builds}
         failed: set[str] = set()
+        for cycle in _break_cycles(graph):
+            for name in dict.fromkeys(cycle):
+                failed.add(name)
+                self._failed(by_name[name], f"BUILD_DEPENDS cycle: {' -> '.join(cycle)}", None)
+        order = TopologicalSorter(graph)
+        order.prepare()
         running: dict[Future[builder.BuildResult], Decision] = {}
         workers = max(1, min(self.options.jobs, len(builds)))
         make_jobs = max(1, (os.cpu_count() or 1) // workers)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            while pending or running:
-                for name, d in list(pending.items()):
-                    deps = d.conf.build_depends if d.conf else ()
-                    blocked = [dep for dep in deps if dep in failed]
+            while order.is_active():
+                ready = [by_name[name] for name in order.get_ready()]
+                for d in sorted(ready, key=lambda d: not (d.conf and d.conf.remake_initrd)):
+                    blocked = [dep for dep in _depends(d) if dep in failed]
                     if blocked:
-                        del pending[name]
-                        failed.add(name)
+                        failed.add(d.name)
                         self._failed(d, f"BUILD_DEPENDS {', '.join(blocked)} failed", None)
-                    elif not any(dep in pending or _runs(running, dep) for dep in deps):
-                        del pending[name]
+                        order.done(d.name)
+                    else:
                         self._keep_files(d, State.BUILDING, d.reason)
                         running[pool.submit(self._build_one, d, make_jobs)] = d
                 if not running:
-                    continue
+                    continue  # only failures were ready: what they unblocked is next
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     d = running.pop(future)
                     if not self._finish(d, future):
                         failed.add(d.name)
+                    order.done(d.name)
 
     def _build_one(self, d: Decision, make_jobs: int) -> builder.BuildResult:
         structlog.contextvars.bind_contextvars(module=d.name, kver=d.kernel)
@@ -327,5 +335,24 @@ class _Run:
         )
 
 
-def _runs(running: dict[Future[builder.BuildResult], Decision], name: str) -> bool:
-    return any(d.name == name for d in running.values())
+def _depends(d: Decision) -> tuple[str, ...]:
+    return d.conf.build_depends if d.conf else ()
+
+
+def _break_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Take every BUILD_DEPENDS cycle out of `graph` (name -> the names it needs), with
+    its members wherever they are needed; returns the cycles, each as graphlib names it
+    (`a, b, a`), so each can fail with its cycle named."""
+    cycles = []
+    while True:
+        try:
+            TopologicalSorter(graph).prepare()
+        except CycleError as err:
+            cycle = [str(name) for name in err.args[1]]
+            cycles.append(cycle)
+            for name in cycle:
+                graph.pop(name, None)
+            for needs in graph.values():
+                needs.difference_update(cycle)
+        else:
+            return cycles

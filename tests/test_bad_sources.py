@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import K113, require_tool
@@ -89,3 +92,37 @@ def test_each_broken_source_fails_alone_with_a_named_error(tmp_path: Path) -> No
     touched -= {p for p in before if p.startswith("usr/src/kmt-vanish-1.0/")}
     assert not [p for p in touched if not allowed(p)], sorted(touched)
     assert not (root / "etc" / "kmt_simple.ko.xz").exists()
+
+
+def test_build_depends_cycles_fail_their_members_named_and_the_rest_go_on(
+    tmp_path: Path,
+) -> None:
+    """A cycle (a → b → a), a source that needs itself, and one that needs a cycle's
+    member all fail, each saying why; a source beside them installs. Once this spun at
+    100% CPU forever, holding the writers' lock: the run is bounded here."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    needs = {"kmt-a": "kmt-b", "kmt-b": "kmt-a", "kmt-self": "kmt-self", "kmt-after": "kmt-a"}
+    for name, dep in needs.items():
+        write_source(
+            root, name, modules=SIMPLE, extra=f'AUTOINSTALL=yes\nBUILD_DEPENDS=("{dep}")\n'
+        )
+    write_source(root, "kmt-free", modules=SIMPLE, extra="AUTOINSTALL=yes\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root), "autoinstall", "-k", K113],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    lines = {line.split(":")[1].strip().split("/")[0]: line for line in proc.stdout.splitlines()}
+    for name in ("kmt-a", "kmt-b"):
+        assert re.search(r"failed \(BUILD_DEPENDS cycle: kmt-(a|b) -> kmt-(a|b) -> kmt-\1\)$",
+                         lines[name]), lines[name]  # fmt: skip
+    assert lines["kmt-self"].endswith("failed (BUILD_DEPENDS cycle: kmt-self -> kmt-self)")
+    assert lines["kmt-after"].endswith("failed (BUILD_DEPENDS kmt-a failed)")
+    assert lines["kmt-free"].endswith(f"kmt-free/1.0 for {K113}: built")
+    states = {s["module"]: s["state"] for s in json.loads(kmodctl(root, "status", "--json").stdout)}
+    assert states == {"kmt-a": "failed", "kmt-b": "failed", "kmt-self": "failed",
+                      "kmt-after": "failed", "kmt-free": "installed"}  # fmt: skip
