@@ -10,7 +10,7 @@ kernel per batch, by the caller.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import structlog
 
@@ -41,13 +41,17 @@ def distro_ids(root: Root) -> set[str]:
 
 
 def dest_dir(root: Root, k: Kernel, spec: ModuleSpec) -> Path:
-    """Where `spec` is installed for kernel `k`, by the distribution's DKMS convention."""
+    """Where `spec` is installed for kernel `k`, by the distribution's DKMS convention;
+    elsewhere DEST_MODULE_LOCATION, but never in the kernel's own `kernel/` tree:
+    `/kernel/drivers/misc` goes to `updates/drivers/misc` (depmod prefers updates/), so
+    the kernel's module is neither overwritten nor, at uninstall, deleted."""
     ids = distro_ids(root)
     if ids & _DEBIAN_LIKE:
         return k.modules_dir / "updates" / "dkms"
     if ids & _REDHAT_LIKE:
         return k.modules_dir / "extra"
-    return k.modules_dir / spec.dest_location.lstrip("/")
+    top, *rest = PurePosixPath(spec.dest_location).relative_to("/").parts
+    return k.modules_dir.joinpath(top if top in ("updates", "extra") else "updates", *rest)
 
 
 def install_build(root: Root, k: Kernel, result: BuildResult) -> list[Path]:

@@ -126,3 +126,30 @@ def test_build_depends_cycles_fail_their_members_named_and_the_rest_go_on(
     states = {s["module"]: s["state"] for s in json.loads(kmodctl(root, "status", "--json").stdout)}
     assert states == {"kmt-a": "failed", "kmt-b": "failed", "kmt-self": "failed",
                       "kmt-after": "failed", "kmt-free": "installed"}  # fmt: skip
+
+
+def test_dest_module_location_kernel_never_touches_the_kernels_own_module(
+    tmp_path: Path,
+) -> None:
+    """On a system kmodd knows no convention for (no os-release), DEST_MODULE_LOCATION
+    is honoured, but /kernel/... goes to updates/...: the kernel's own module of the same
+    name is neither overwritten nor, at uninstall, deleted."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    (root / "etc/os-release").unlink()
+    theirs = root / "lib/modules" / K113 / "kernel/drivers/misc/kmt_simple.ko"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"the kernel package's own module")
+    write_source(
+        root, "kmt-loc", modules=SIMPLE,
+        extra='AUTOINSTALL=yes\nDEST_MODULE_LOCATION[0]="/kernel/drivers/misc"\n',
+    )  # fmt: skip
+    done = kmodctl(root, "autoinstall", "-k", K113)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ours = root / "lib/modules" / K113 / "updates/drivers/misc"
+    assert [p.name for p in ours.iterdir()] == ["kmt_simple.ko.xz"]
+    assert theirs.read_bytes() == b"the kernel package's own module"
+    gone = kmodctl(root, "uninstall", "-m", "kmt-loc", "-k", K113)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert not ours.exists()
+    assert theirs.read_bytes() == b"the kernel package's own module"
