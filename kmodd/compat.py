@@ -4,7 +4,9 @@ A module loads into kernel B when (DESIGN.md): its vermagic matches B's after th
 release; every modversions entry has the same CRC in what B exports (including
 `module_layout`); every symbol it needs is exported by B or by a sibling from the
 same package; and the architecture matches. A module without modversions is never
-reused. Siblings are linked together: a module needing a non-reusable sibling is
+reused. A symbol B exports in a namespace the module does not import (`import_ns`) is
+refused by B's loader (since 5.4), though its CRC may be unchanged: a symbol moved into
+a namespace keeps its CRC. Siblings are linked together: a module needing a non-reusable sibling is
 not reusable either.
 """
 
@@ -42,7 +44,8 @@ class Verdict:
     blocked_by: tuple[str, ...]
     """Siblings this module needs that are not reusable."""
     problems: tuple[str, ...]
-    """Reasons that are not about one symbol: vermagic, architecture, no modversions."""
+    """Reasons beyond a changed CRC or a missing symbol: vermagic, architecture, no
+    modversions, a symbol's namespace not imported."""
 
     @property
     def reusable(self) -> bool:
@@ -119,8 +122,14 @@ def _examine(mod: ModuleInfo, target: Target, provider: dict[str, str]) -> _Find
         module_crc = mod.versions.get(symbol)
         if kernel_crc is None:
             found.missing.append(symbol)
-        elif module_crc is not None and module_crc != kernel_crc:
+            continue
+        if module_crc is not None and module_crc != kernel_crc:
             found.changed.append(ChangedSymbol(symbol, module_crc, kernel_crc))
+        namespace = target.exports.namespaces.get(symbol)
+        if namespace and namespace not in mod.import_ns:
+            found.problems.append(
+                f"{symbol} is exported in namespace {namespace}, which the module does not import"
+            )
     return found
 
 

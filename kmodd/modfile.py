@@ -34,6 +34,8 @@ class ModuleInfo:
     srcversion: str
     version: str
     signed: bool
+    import_ns: frozenset[str] = frozenset()
+    """The symbol namespaces it imports (`.modinfo` `import_ns=` entries)."""
 
     @property
     def vermagic_flags(self) -> str:
@@ -95,6 +97,7 @@ def parse(path: Path, data: bytes) -> ModuleInfo:
         srcversion=info.get("srcversion", [""])[0],
         version=info.get("version", [""])[0],
         signed=data.endswith(_SIGNATURE_MARKER),
+        import_ns=frozenset(info.get("import_ns", [])),
     )
 
 

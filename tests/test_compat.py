@@ -3,6 +3,7 @@ real kernel booted under qemu."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -154,3 +155,32 @@ def test_the_kernel_loads_exactly_what_was_judged_reusable(
         )
         assert complained <= {c.symbol for c in verdict.changed}, (stem, result.message)
         assert bool(complained) == bool(verdict.changed), (stem, result.message)
+
+
+def test_namespaces_are_compared_not_only_crcs(make_root: Callable[..., Path]) -> None:
+    """Debian's own ums-alauda for 6.12.111 imports USB_STORAGE and uses usb_stor_*
+    symbols that 6.12.111 exports in that namespace: reusable there. The same module
+    without the import (as if the symbols had moved into the namespace after it was
+    built: their CRCs stay the same) is refused, naming the namespace, as the kernel's
+    loader refuses it."""
+    ko = Path(f"/lib/modules/{K111}/kernel/drivers/usb/storage/ums-alauda.ko.xz")
+    require(f"{ko} (package linux-image-{K111})", ko.is_file())
+    modinfo = require_tool("modinfo")
+    real = modfile.read(ko)
+    listed = subprocess.run(
+        [modinfo, "-F", "import_ns", ko], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert real.import_ns == frozenset(listed) == {"USB_STORAGE"}
+
+    k = kernel.find(Root.at(make_root(K111)), K111)
+    target = compat.Target(K111, k.exports(), k.vermagic_flags, k.arch)
+    assert k.exports().namespaces["usb_stor_disconnect"] == "USB_STORAGE"
+    (verdict,) = compat.judge([real], target)
+    assert verdict.reusable, verdict.reasons
+
+    (verdict,) = compat.judge([dataclasses.replace(real, import_ns=frozenset())], target)
+    assert not verdict.reusable
+    assert not verdict.changed and not verdict.missing, "CRCs and symbols are all fine"
+    assert (
+        "usb_stor_disconnect is exported in namespace USB_STORAGE, which the module does not import"
+    ) in verdict.reasons
