@@ -46,7 +46,8 @@ class Line:
         if self.state is State.INSTALLED_WEAK:
             state = f"installed-weak (from {self.weak_from})"
         elif self.state is State.FAILED:
-            state = f"failed (log: {self.log})" if self.log else f"failed ({self.detail})"
+            why = "; ".join(x for x in (self.detail, self.log and f"log: {self.log}") if x)
+            state = f"failed ({why})"
         elif self.state in (State.EXCLUDED, State.DKMS) and self.detail:
             state = f"{state} ({self.detail})"
         if self.loaded:

@@ -178,7 +178,12 @@ def test_status_speaks_dkms(scenario: Scenario) -> None:
     assert f"kmt-pair/1.0, {K113}, x86_64: installed-weak (from {K111})" in lines
     assert f"kmt-misc/1.0, {K113}, x86_64: installed" in lines
     assert any(
-        line.startswith(f"v4l2loopback/0.12.7, {K113}, x86_64: failed (log: /") for line in lines
+        re.match(
+            rf"v4l2loopback/0\.12\.7, {re.escape(K113)}, x86_64: failed \(first error: "
+            r"\S+\.c:\d+:\d+: error: .*; log: /\S+/make\.log\)$",
+            line,
+        )
+        for line in lines
     )
     assert any(line.startswith(f"kmt-excl/1.0, {K111}, x86_64: excluded") for line in lines)
 
