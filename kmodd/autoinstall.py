@@ -8,6 +8,7 @@ A failure is recorded with its log and never stops the other modules.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
@@ -16,10 +17,21 @@ from typing import Any
 
 import structlog
 
-from kmodd import builder, config, devices, dkmsconf, fsutil, initrd, install, kernel, store
+from kmodd import (
+    builder,
+    config,
+    devices,
+    dkmsconf,
+    fsutil,
+    initrd,
+    install,
+    kernel,
+    modfile,
+    store,
+)
 from kmodd.errors import BuildError, KmoddError
 from kmodd.paths import Root
-from kmodd.plan import Action, Decision, plan_kernel
+from kmodd.plan import Action, Decision, files_present, plan_kernel
 from kmodd.state import State
 from kmodd.store import Record, Store
 
@@ -218,6 +230,10 @@ class _Run:
 
     def _link(self, d: Decision) -> None:
         assert d.conf is not None
+        conflict = self._claimed_by_another(d, d.weak_files)
+        if conflict:
+            self._failed(d, conflict, None)
+            return
         old = self.db.record(d.name, d.version, d.kernel)
         links = install.link_weak(self.k, d.name, list(d.weak_files))
         self.installed_now += links
@@ -234,6 +250,22 @@ class _Run:
         )
         self._changed(d.conf.remake_initrd)
         self._say(d, State.INSTALLED_WEAK, d.reason, weak_from=d.weak_from)
+
+    def _claimed_by_another(self, d: Decision, modules: Sequence[Path]) -> str | None:
+        """Another source's module of the same name already in place for this kernel: a
+        conflict to report, never a silent overwrite (nor, later, an uninstall of one
+        that deletes the other's file). Asked in this run's one finishing thread."""
+        names = {modfile.module_name(m) for m in modules}
+        for other in self.db.records(kernel=d.kernel):
+            if other.name == d.name or other.state not in (State.INSTALLED, State.INSTALLED_WEAK):
+                continue
+            clash = sorted(names & {modfile.module_name(Path(f)) for f in other.files})
+            if clash and files_present(self.root, other):
+                return (
+                    f"conflict: module {', '.join(clash)} is already installed by "
+                    f"{other.name}/{other.version} for {d.kernel}; uninstall one of the two"
+                )
+        return None
 
     def _retire(self, old: Record, keep: tuple[str, ...] = ()) -> None:
         install.remove_files(self.root, [f for f in old.files if f not in keep])
@@ -291,6 +323,10 @@ class _Run:
     def _finish(self, d: Decision, future: Future[builder.BuildResult]) -> bool:
         try:
             result = future.result()
+            conflict = self._claimed_by_another(d, [m.path for m in result.modules])
+            if conflict:
+                self._failed(d, conflict, result.log)
+                return False
             old = self.db.record(d.name, d.version, d.kernel)
             paths = install.install_build(self.root, self.k, result)
             files = tuple(self.root.outside(p) for p in paths)

@@ -153,3 +153,29 @@ def test_dest_module_location_kernel_never_touches_the_kernels_own_module(
     assert gone.returncode == 0, gone.stdout + gone.stderr
     assert not ours.exists()
     assert theirs.read_bytes() == b"the kernel package's own module"
+
+
+def test_two_sources_claiming_one_module_name_are_a_conflict_not_an_overwrite(
+    tmp_path: Path,
+) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    for name in ("kmt-one", "kmt-two"):
+        write_source(root, name, modules=SIMPLE, extra="AUTOINSTALL=yes\n")
+    proc = kmodctl(root, "autoinstall", "-k", K113)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    states = {s["module"]: s for s in json.loads(kmodctl(root, "status", "--json").stdout)}
+    winner, loser = sorted(states, key=lambda name: states[name]["state"] != "installed")
+    assert states[winner]["state"] == "installed"
+    assert states[loser]["state"] == "failed"
+    assert states[loser]["detail"] == (
+        f"conflict: module kmt_simple is already installed by {winner}/1.0 for {K113}; "
+        "uninstall one of the two"
+    )
+    installed = root / "lib/modules" / K113 / "updates/dkms/kmt_simple.ko.xz"
+    before = installed.read_bytes()
+    gone = kmodctl(root, "uninstall", "-m", loser, "-k", K113)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert installed.read_bytes() == before, "the winner's module stays"
+    again = kmodctl(root, "autoinstall", "-k", K113)
+    assert f"kmodd: {winner}/1.0 for {K113}: built (up-to-date)" in again.stdout.splitlines()
