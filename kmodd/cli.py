@@ -14,8 +14,9 @@ from functools import partial
 from pathlib import Path
 
 from kmodd import __version__, check, dbus_api, initrd, kernel, log, manage, plan, status, store
-from kmodd.autoinstall import Options, Outcome, autoinstall
+from kmodd.autoinstall import Options, autoinstall
 from kmodd.errors import EXIT_CODES, BuildError, KmoddError, NotFoundError, UsageError
+from kmodd.outcome import Outcome
 from kmodd.paths import Root
 from kmodd.store import Store
 

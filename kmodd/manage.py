@@ -8,9 +8,10 @@ import os
 import structlog
 
 from kmodd import builder, config, dkms_compat, dkmsconf, install, kernel, store
-from kmodd.autoinstall import Options, Outcome, autoinstall
+from kmodd.autoinstall import Options, autoinstall
 from kmodd.dkmsconf import SourceDir
 from kmodd.errors import BuildError, NotFoundError, UsageError
+from kmodd.outcome import Outcome
 from kmodd.paths import Root
 from kmodd.plan import Action
 from kmodd.state import State

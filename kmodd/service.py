@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from kmodd import dkmsconf, kernel, manage, status
-from kmodd.autoinstall import Options, Outcome, autoinstall
+from kmodd.autoinstall import Options, autoinstall
 from kmodd.errors import KmoddError, NotFoundError
+from kmodd.outcome import Outcome
 from kmodd.paths import Root
 from kmodd.plan import Decision, plan_kernel
 from kmodd.queue import Job, JobKind, JobQueue, JobState, Priority
