@@ -164,6 +164,11 @@ class _Run:
         if conflict:
             self._failed(d, conflict, None)
             return
+        try:
+            self._install_hook(d.conf, "PRE_INSTALL")
+        except BuildError as err:
+            self._failed(d, err.problem, err.log)
+            return
         old = self.db.record(d.name, d.version, d.kernel)
         links = install.link_weak(self.k, d.name, list(d.weak_files))
         self.installed_now += links
@@ -179,7 +184,21 @@ class _Run:
             remake_initrd=d.conf.remake_initrd,
         )
         self._changed(d.conf.remake_initrd)
+        self._post_install(d.conf)
         self._say(d, State.INSTALLED_WEAK, d.reason, weak_from=d.weak_from)
+
+    def _install_hook(self, conf: dkmsconf.SourceConfig, which: str) -> None:
+        builder.install_hook(
+            self.root, conf, self.k.release, which, timeout=self.config.build_timeout
+        )
+
+    def _post_install(self, conf: dkmsconf.SourceConfig) -> None:
+        """POST_INSTALL: as with DKMS, its failure is said but undoes nothing."""
+        try:
+            self._install_hook(conf, "POST_INSTALL")
+        except BuildError as err:
+            log.warning("POST_INSTALL failed", module=conf.name, kver=self.k.release,
+                        problem=err.problem, log=os.fspath(err.log or ""))  # fmt: skip
 
     def _claimed_by_another(self, d: Decision, modules: Sequence[Path]) -> str | None:
         """Another source's module of the same name already in place for this kernel: a
@@ -257,6 +276,7 @@ class _Run:
             if conflict:
                 self._failed(d, conflict, result.log)
                 return False
+            self._install_hook(result.conf, "PRE_INSTALL")
             old = self.db.record(d.name, d.version, d.kernel)
             paths = install.install_build(self.root, self.k, result)
             files = tuple(self.root.outside(p) for p in paths)
@@ -279,6 +299,7 @@ class _Run:
             remake_initrd=remake,
         )
         self._changed(remake)
+        self._post_install(result.conf)
         self._say(d, State.INSTALLED, "built and installed", result.log)
         return True
 

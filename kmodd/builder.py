@@ -178,6 +178,37 @@ def _build_in(
     return tuple(built)
 
 
+def install_hook(
+    root: Root, conf: SourceConfig, kernel: str, which: str, *, timeout: float
+) -> None:
+    """PRE_INSTALL or POST_INSTALL, as DKMS runs them: the script as written, relative to
+    the source dir and run from it, with kernelver and arch set; its output goes to
+    install.log beside the build. Raises BuildError naming the directive when it fails."""
+    script = conf.pre_install if which == "PRE_INSTALL" else conf.post_install
+    if not script:
+        return
+    out = store_dir(root, conf.name, conf.version, kernel, conf.arch)
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = out / "install.log"
+    argv = shlex.split(script)
+    exe = conf.source_dir / argv[0].lstrip("/")
+    what = f"{conf.name}/{conf.version} for {kernel}"
+    if not os.access(exe, os.X_OK):
+        raise BuildError(what, f"{which} {exe} is missing or not executable", logfile)
+    try:
+        run(
+            [os.fspath(exe), *argv[1:]],
+            cwd=conf.source_dir,
+            env={"kernelver": kernel, "arch": conf.arch},
+            timeout=timeout,
+            log_file=logfile,
+        )
+    except CommandError as err:
+        raise BuildError(
+            what, f"{which} {script} exited with status {err.returncode}", logfile
+        ) from err
+
+
 def _hook(script: str | None, build_dir: Path, step: Step) -> None:
     if not script:
         return

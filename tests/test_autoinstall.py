@@ -275,3 +275,47 @@ def test_build_and_install_commands(tmp_path: Path) -> None:
     missing = kmodctl(root, "install", "-m", "no-such-source", "-k", K113)
     assert missing.returncode == 4
     assert missing.stderr == "kmodctl: no module source no-such-source in /usr/src\n"
+
+
+def test_pre_and_post_install_run_around_every_install_built_or_weak(tmp_path: Path) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111, K113))
+    record = tmp_path / "hooks.log"
+    hooked = write_source(
+        root, "kmt-hooked", modules=("kmt_simple",),
+        extra='AUTOINSTALL=yes\nPRE_INSTALL="scripts/pre"\nPOST_INSTALL="scripts/post done"\n',
+    )  # fmt: skip
+    refused = write_source(
+        root, "kmt-refused", modules=("kmt_kmalloc",), extra='AUTOINSTALL=yes\nPRE_INSTALL="no"\n'
+    )
+    (hooked / "scripts").mkdir()
+    scripts = {
+        hooked / "scripts/pre": f'echo "pre $kernelver $arch $(pwd) $#" >> {record}',
+        hooked / "scripts/post": f'echo "post $kernelver $arch $(pwd) $1" >> {record}',
+        refused / "no": "echo not for this kernel >&2; exit 3",
+    }
+    for script, body in scripts.items():
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+
+    first = kmodctl(root, "autoinstall", "-k", K111)
+    assert first.returncode == 7, first.stdout + first.stderr
+    assert f"kmodd: kmt-hooked/1.0 for {K111}: built" in first.stdout.splitlines()
+    assert re.search(
+        rf"^kmodd: kmt-refused/1\.0 for {re.escape(K111)}: failed \(PRE_INSTALL no exited with "
+        r"status 3; log: /\S+/install\.log\)$",
+        first.stdout,
+        re.M,
+    ), first.stdout
+    assert not list((root / "lib/modules" / K111).rglob("kmt_kmalloc.ko*")), "not installed"
+    install_log = root / f"var/lib/kmodd/builds/kmt-refused/1.0/{K111}/x86_64/install.log"
+    assert "not for this kernel" in install_log.read_text()
+
+    second = kmodctl(root, "autoinstall", "-k", K113)
+    assert f"kmodd: kmt-hooked/1.0 for {K113}: weak-linked from {K111}" in second.stdout
+    assert record.read_text().splitlines() == [
+        f"pre {K111} x86_64 {hooked} 0",
+        f"post {K111} x86_64 {hooked} done",
+        f"pre {K113} x86_64 {hooked} 0",
+        f"post {K113} x86_64 {hooked} done",
+    ]
