@@ -164,7 +164,7 @@ def _status(args: argparse.Namespace, root: Root) -> int:
         lines = [status.Line.from_json(doc) for doc in docs]
     else:
         _down("reading its state directly")
-        with Store.open(root) as db:
+        with Store.open(root, readonly=True) as db:
             lines = status.status(root, db, name=args.module, release=args.kernel)
     if args.json:
         _print_json([line.json() for line in lines])
@@ -180,7 +180,7 @@ def _initrd_modules(args: argparse.Namespace, root: Root) -> int:
     directly, never the bus: the generator may be running inside the service's own job."""
     if not (root.state_dir / "state.db").exists():
         return 0  # kmodd has installed nothing yet
-    with Store.open(root) as db:
+    with Store.open(root, readonly=True) as db:
         for name in initrd.modules_for(root, db, args.kernel):
             print(name)
     return 0

@@ -187,5 +187,5 @@ class _Planner:
 def plan_for(root: Root, release: str) -> list[Decision]:
     """`plan_kernel` for every source, with its own view of the store."""
     k = kernel.find(root, release)
-    with Store.open(root) as db:
+    with Store.open(root, readonly=True) as db:
         return plan_kernel(root, db, k, dkmsconf.find_sources(root))

@@ -78,12 +78,12 @@ class Service:
     # the calls the edges make ------------------------------------------------------------
 
     def status(self, module: str | None = None, release: str | None = None) -> list[status.Line]:
-        with Store.open(self.root) as db:
+        with Store.open(self.root, readonly=True) as db:
             return status.status(self.root, db, name=module or None, release=release or None)
 
     def plan(self, release: str) -> list[Decision]:
         k = kernel.find(self.root, release)
-        with Store.open(self.root) as db:
+        with Store.open(self.root, readonly=True) as db:
             return plan_kernel(self.root, db, k, dkmsconf.find_sources(self.root))
 
     def add_kernel(self, release: str) -> Job:

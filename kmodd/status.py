@@ -1,7 +1,8 @@
 """What is where: every module source against every installed kernel, from the disk.
 
 The store remembers how things got there; the disk is the truth. A record claiming
-files that are gone is repaired (and said, in the log and in `detail`).
+files that are gone is shown as `added`, saying so in `detail`. Status only reads: it
+opens the store read-only, and the next autoinstall, under the writers' lock, mends it.
 """
 
 from __future__ import annotations
@@ -11,15 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from kmodd import devices, dkms_compat, dkmsconf, initrd, kernel, modfile
 from kmodd.paths import Root
 from kmodd.plan import files_present
 from kmodd.state import State
 from kmodd.store import Record, Store
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,16 +128,10 @@ def _line(root: Root, db: Store, record: Record) -> Line:
     state, detail = record.state, record.detail
     installed = state in (State.INSTALLED, State.INSTALLED_WEAK)
     if installed and not files_present(root, record):
-        detail = "installed files were missing; state repaired"
-        log.warning(
-            "state repaired", module=record.name, kver=record.kernel, files=list(record.files)
-        )
-        record = db.put(
-            Record(
-                record.name, record.version, record.kernel, record.arch, State.ADDED, detail=detail
-            )
-        )
-        state = State.ADDED
+        # the disk is the truth; the record is mended by the next autoinstall, under the
+        # writers' lock (status only reads)
+        state, detail = State.ADDED, "installed files are missing; autoinstall puts them back"
+        record = Record(record.name, record.version, record.kernel, record.arch, state)
     loaded = None
     if state in (State.INSTALLED, State.INSTALLED_WEAK) and record.kernel == os.uname().release:
         loaded = all(devices.is_loaded(root, modfile.module_name(Path(f))) for f in record.files)

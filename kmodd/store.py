@@ -82,24 +82,31 @@ class InitrdCheck:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """The state at `path`; `readonly` never writes, nor creates, anything (status,
+        any user, any root: a mistyped --root stays untouched)."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            if readonly:
+                self._db = _connect_readonly(path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{path}: state schema {version} is newer than this kmodd")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if not readonly:
+                self._db.executescript(_SCHEMA)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._has_initrds = "initrds" in _tables(self._db)
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{path}: cannot open kmodd's state: {err}") from err
 
     @classmethod
-    def open(cls, root: Root) -> Store:
-        return cls(root.state_dir / "state.db")
+    def open(cls, root: Root, *, readonly: bool = False) -> Store:
+        return cls(root.state_dir / "state.db", readonly=readonly)
 
     def close(self) -> None:
         self._db.close()
@@ -205,6 +212,8 @@ class Store:
         return stamped
 
     def initrd(self, kernel: str) -> InitrdCheck | None:
+        if not self._has_initrds:  # a state a kmodd before initrd checks wrote
+            return None
         row = self._db.execute("SELECT * FROM initrds WHERE kernel = ?", (kernel,)).fetchone()
         if row is None:
             return None
@@ -220,6 +229,32 @@ class Store:
 
     def forget_initrd(self, kernel: str) -> None:
         self._db.execute("DELETE FROM initrds WHERE kernel = ?", (kernel,))
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """`path` opened read-only. No state yet (no file, or only the job queue's table)
+    reads as empty: an in-memory store. A reader that may not create the WAL's -shm file
+    (a user, after the service stopped and SQLite removed it) reads the file as
+    immutable: with no writer running, what is in the file is the whole state."""
+    if path.exists():
+        uri = f"{path.as_uri()}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+        try:
+            tables = _tables(db)
+        except sqlite3.OperationalError:
+            db.close()
+            db = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None)
+            tables = _tables(db)
+        if "records" in tables:
+            return db
+        db.close()
+    empty = sqlite3.connect(":memory:", isolation_level=None)
+    empty.executescript(_SCHEMA)
+    return empty
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
 def _record(row: tuple[object, ...]) -> Record:

@@ -468,13 +468,14 @@ def as_other_user(uid: int = NOBODY) -> Iterator[OtherUser]:
         system = shutil.which("python3", path="/usr/bin:/bin")
         if system:
             import dbus_next
+            import pyudev
             import structlog
+            import zstandard
 
-            # kmodd too: the checkout may sit in a directory only root can enter
-            for src in (
-                *(Path(str(p.__file__)).parent for p in (dbus_next, structlog)),
-                TOP / "kmodd",
-            ):
+            # what kmodctl imports, and kmodd too: the checkout may sit in a directory
+            # only root can enter
+            packages = (dbus_next, structlog, pyudev, zstandard)
+            for src in (*(Path(str(p.__file__)).parent for p in packages), TOP / "kmodd"):
                 shutil.copytree(src, site / src.name, ignore=shutil.ignore_patterns("*.pyc"))
             for path in site.rglob("*"):
                 path.chmod(0o755 if path.is_dir() else 0o644)

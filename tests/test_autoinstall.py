@@ -240,9 +240,12 @@ def test_uninstall_and_kernel_removal_leave_no_dangling_links(tmp_path: Path) ->
 
     # the disk is the truth: a module deleted behind kmodd's back is noticed and said
     (root / "lib/modules" / K113 / "updates/dkms/kmt_simple.ko.xz").unlink()
+    state_db = root / "var/lib/kmodd/state.db"
+    before = state_db.read_bytes()
     repaired = status_json(root)[("kmt-base", K113)]
     assert repaired["state"] == "added"
-    assert repaired["detail"] == "installed files were missing; state repaired"
+    assert repaired["detail"] == "installed files are missing; autoinstall puts them back"
+    assert state_db.read_bytes() == before, "status only reads"
     assert kmodctl(root, "autoinstall", "-k", K113).returncode == 0
     assert status_json(root)[("kmt-base", K113)]["state"] == "installed"
 
