@@ -68,6 +68,8 @@ class _Run:
         self.changed = False
         self.remake_initrd = False
         self.installed_now: list[Path] = []
+        self.relinked: set[str] = set()
+        """Other kernels whose weak links this run took away: depmod runs for them too."""
         self.outcomes: list[Outcome] = []
 
     @property
@@ -83,6 +85,7 @@ class _Run:
         sources = dkmsconf.find_sources(self.root)
         for source in sources:
             self.db.add_source(source.name, source.version, self.root.outside(source.path))
+        sources = dkmsconf.newest(sources)
         if self.options.only is not None:
             sources = [s for s in sources if s.name in self.options.only]
         decisions = plan_kernel(
@@ -102,6 +105,8 @@ class _Run:
             else:
                 self._note(decision)
         self._build_all(builds)
+        for other in sorted(self.relinked):
+            install.depmod(self.root, other)
         if self.changed:
             install.depmod(self.root, self.k.release)
             if self.remake_initrd and self.options.initrd:
@@ -184,6 +189,7 @@ class _Run:
             remake_initrd=d.conf.remake_initrd,
         )
         self._changed(d.conf.remake_initrd)
+        self._replace_other_versions(d, files)
         self._post_install(d.conf)
         self._say(d, State.INSTALLED_WEAK, d.reason, weak_from=d.weak_from)
 
@@ -215,6 +221,35 @@ class _Run:
                     f"{other.name}/{other.version} for {d.kernel}; uninstall one of the two"
                 )
         return None
+
+    def _replace_other_versions(self, d: Decision, files: tuple[str, ...]) -> None:
+        """`d`'s version is now the one installed for this kernel: the other versions'
+        records and files go in the same step, and a weak link another kernel made to
+        the build that was here is taken away (it would now load a build never judged
+        for that kernel), recorded as to be judged again."""
+        replaced = False
+        for other in self.db.records(name=d.name, kernel=d.kernel):
+            if other.version != d.version:
+                self._retire(other, keep=files)
+                self.db.delete(other.name, other.version, other.kernel)
+                replaced = True
+        if not replaced:
+            return
+        for stale in self.db.records(name=d.name):
+            if stale.weak_from == d.kernel and stale.version != d.version:
+                install.remove_files(self.root, list(stale.files))
+                why = (
+                    f"its weak link went to {d.kernel}'s build, now {d.name}/{d.version}: "
+                    f"to be judged again (kmodctl autoinstall -k {stale.kernel})"
+                )
+                self.db.put(
+                    Record(stale.name, stale.version, stale.kernel, stale.arch, State.ADDED,
+                           detail=why)
+                )  # fmt: skip
+                self.relinked.add(stale.kernel)
+                outcome = Outcome(stale.name, stale.version, stale.kernel, Action.WEAK,
+                                  State.ADDED, why)  # fmt: skip
+                self.outcomes.append(outcome)
 
     def _retire(self, old: Record, keep: tuple[str, ...] = ()) -> None:
         install.remove_files(self.root, [f for f in old.files if f not in keep])
@@ -299,6 +334,7 @@ class _Run:
             remake_initrd=remake,
         )
         self._changed(remake)
+        self._replace_other_versions(d, files)
         self._post_install(result.conf)
         self._say(d, State.INSTALLED, "built and installed", result.log)
         return True

@@ -40,7 +40,9 @@ def _on_event(service: Service, event: WatchEvent) -> None:
         elif event.kind is EventKind.SOURCE_ADDED:
             service.source_added(_source_name(service, event.name))
         elif event.kind is EventKind.SOURCE_REMOVED:
-            service.source_removed(_source_name(service, event.name))
+            # that version only: /usr/src/foo-1.0 going (an upgrade) leaves foo-2.0 alone
+            name, _, version = event.name.rpartition("-")
+            service.source_removed(f"{name}/{version}" if name else event.name)
     except KmoddError as err:
         logger.warning("event not acted on", what=event.kind.value, name=event.name, error=str(err))
 

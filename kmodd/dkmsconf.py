@@ -203,6 +203,17 @@ def find_sources(root: Root) -> list[SourceDir]:
     return found
 
 
+def newest(sources: list[SourceDir]) -> list[SourceDir]:
+    """One source per name, the newest version by DKMS's order: what a kernel gets (two
+    versions' modules share their file names, so only one can be installed)."""
+    best: dict[str, SourceDir] = {}
+    for source in sources:
+        held = best.get(source.name)
+        if held is None or dkms_ver(source.version) > dkms_ver(held.version):
+            best[source.name] = source
+    return sorted(best.values(), key=lambda s: s.path.name)
+
+
 def evaluate(
     root: Root,
     conf: Path,

@@ -152,13 +152,19 @@ def adopt(root: Root, name: str, options: Options) -> list[Outcome]:
     return outcomes
 
 
-def forget_source(root: Root, name: str) -> list[str]:
-    """The source NAME left /usr/src: remove what kmodd installed of it, everywhere.
-    Returns the kernels whose trees changed (depmod has run for each)."""
+def forget_source(root: Root, spec: str) -> list[str]:
+    """The source NAME (or only NAME/VERSION) left /usr/src: remove what kmodd installed
+    of it, everywhere, but the files another version of it now owns (an upgrade put the
+    new build where the old one was). Returns the kernels whose trees changed (depmod
+    has run for each)."""
+    name, _, version = spec.partition("/")
     with store.lock(root), Store.open(root) as db:
-        changed = sorted({r.kernel for r in db.records(name=name) if r.files})
-        for r in db.records(name=name):
-            install.remove_files(root, list(r.files))
+        everything = db.records(name=name)
+        gone = [r for r in everything if not version or r.version == version]
+        owned = {f for r in everything if r not in gone for f in r.files}
+        changed = sorted({r.kernel for r in gone if r.files})
+        for r in gone:
+            install.remove_files(root, [f for f in r.files if f not in owned])
             db.delete(r.name, r.version, r.kernel)
     installed = set(kernel.installed_releases(root))
     for release in changed:

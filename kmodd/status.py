@@ -107,10 +107,11 @@ def status(
         ]
     records = {(r.name, r.version, r.kernel): r for r in db.records(name=name, kernel=release)}
     lines = []
-    for rec_key, record in records.items():
+    for record in records.values():
         if record.kernel in arches:
             lines.append(_line(root, db, record))
-            sources.add(rec_key[:2])
+    # every source in /usr/src against every kernel; a version known only from records
+    # (its dir is gone) shows just those
     for src_name, version in sorted(sources):
         if name and src_name != name:
             continue

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import modfile
+from kmodd import manage, modfile
+from kmodd.paths import Root
 from tests.conftest import K56, K111, K113, install_headers, require_tool
 from tests.debs import unpack_dkms_package
 from tests.sources import write_source
@@ -322,3 +323,63 @@ def test_pre_and_post_install_run_around_every_install_built_or_weak(tmp_path: P
         f"pre {K113} x86_64 {hooked} 0",
         f"post {K113} x86_64 {hooked} done",
     ]
+
+
+def test_two_versions_of_a_source_the_newest_is_the_one_installed(tmp_path: Path) -> None:
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111,))
+    for version in ("1.0", "1.10", "1.9"):  # DKMS's order: 1.10 is the newest
+        write_source(root, "kmt-base", version)
+    done = kmodctl(root, "autoinstall", "-k", K111)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [f"kmodd: kmt-base/1.10 for {K111}: built"]
+    states = {
+        (s["version"]): s["state"] for s in json.loads(kmodctl(root, "status", "--json").stdout)
+    }
+    assert states == {"1.0": "added", "1.9": "added", "1.10": "installed"}
+
+
+def test_a_source_upgrade_replaces_the_old_version_and_takes_back_its_weak_links(
+    tmp_path: Path,
+) -> None:
+    """kmt-base 1.0 built for K111 and weak-linked for K113; the package is upgraded
+    (/usr/src/kmt-base-1.0 goes, 2.0 comes). K111 gets 2.0 in one step (1.0's record and
+    files go); K113's link, which would now load 2.0's build never judged for K113, is
+    taken away at once and judged again when K113's turn comes."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111, K113))
+    old_src = write_source(root, "kmt-base", "1.0")
+    for kver in (K111, K113):
+        assert kmodctl(root, "autoinstall", "-k", kver).returncode == 0
+    assert status_json(root)[("kmt-base", K113)]["weak_from"] == K111
+
+    shutil.rmtree(old_src)
+    write_source(root, "kmt-base", "2.0")
+    up = kmodctl(root, "autoinstall", "-k", K111)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"kmodd: kmt-base/2.0 for {K111}: built" in up.stdout.splitlines()
+    assert re.search(
+        rf"^kmodd: kmt-base/1\.0 for {re.escape(K113)}: removed \(its weak link went to "
+        rf"{re.escape(K111)}'s build, now kmt-base/2\.0: to be judged again",
+        up.stdout,
+        re.M,
+    ), up.stdout
+    assert not dangling_links(root)
+    assert not (root / "lib/modules" / K113 / "weak-updates").exists()
+    docs = json.loads(kmodctl(root, "status", "--json").stdout)
+    states = {(d["version"], d["kernel"]): d["state"] for d in docs}
+    assert states == {("2.0", K111): "installed", ("1.0", K113): "added", ("2.0", K113): "added"}
+
+    again = kmodctl(root, "autoinstall", "-k", K113)
+    assert f"kmodd: kmt-base/2.0 for {K113}: weak-linked from {K111}" in again.stdout
+    docs = json.loads(kmodctl(root, "status", "--json").stdout)
+    assert {(d["version"], d["kernel"]): d["state"] for d in docs} == {
+        ("2.0", K111): "installed",
+        ("2.0", K113): "installed-weak",
+    }
+
+    # the service's watcher then sees kmt-base-1.0 gone: that version only is forgotten,
+    # and 2.0's files, where 1.0's were, stay
+    assert manage.forget_source(Root.at(root), "kmt-base/1.0") == []
+    assert status_json(root)[("kmt-base", K113)]["state"] == "installed-weak"
+    assert (root / "lib/modules" / K111 / "updates/dkms/kmt_simple.ko.xz").is_file()
