@@ -18,8 +18,9 @@ from kmodd.autoinstall import Options, autoinstall
 from kmodd.errors import KmoddError, NotFoundError
 from kmodd.outcome import Outcome
 from kmodd.paths import Root
-from kmodd.plan import Decision, plan_kernel
+from kmodd.plan import Action, Decision, plan_kernel
 from kmodd.queue import Job, JobKind, JobQueue, JobState, Priority
+from kmodd.state import State
 from kmodd.store import Store
 
 log = structlog.get_logger(__name__)
@@ -202,6 +203,8 @@ class Service:
             state = JobState.FAILED if failed else JobState.DONE
             detail = f"{sum(o.failed for o in outcomes)} failed" if failed else "done"
             job = self.queue.finish(job, state, detail, doc)
+            for other in _taken_away(job, outcomes):
+                self._enqueue(JobKind.KERNEL, other)  # its own job, its own priority
         finally:
             self._running.pop(job.id, None)
             self._wake.set()
@@ -253,6 +256,20 @@ class Service:
             self._busy = busy
             for listener in self.on_busy:
                 listener(busy)
+
+
+def _taken_away(job: Job, outcomes: list[Outcome]) -> list[str]:
+    """Other kernels whose weak links `job` took away (the build they went to was
+    replaced by a newer version): each needs a verdict of its own."""
+    if job.kind not in (JobKind.KERNEL, JobKind.SOURCE):
+        return []  # uninstall and remove-kernel do the other kernels' work themselves
+    return sorted(
+        {
+            o.kernel
+            for o in outcomes
+            if o.kernel != job.kernel and o.action is Action.WEAK and o.state is State.ADDED
+        }
+    )
 
 
 def default_kernel(root: Root) -> str | None:

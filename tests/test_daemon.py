@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -191,3 +192,72 @@ def test_ready_notification_and_a_clean_stop(tmp_path: Path, bus: Bus) -> None:
         output = proc.stdout.read() if proc.stdout else ""
     assert "Traceback" not in output
     assert "level='info' event='ready'" in output
+
+
+def test_a_source_upgrade_under_the_service_ends_with_the_new_version_everywhere(
+    tmp_path: Path, bus: Bus
+) -> None:
+    """A *-dkms package upgrade as dpkg does it: /usr/src/kmt-base-1.0 goes, 2.0 comes.
+    The service forgets 1.0 only, and every kernel ends with 2.0 (built, or weak-linked
+    when the other's 2.0 build was there first: the two jobs may run at once), and no
+    link is left to a build never judged for it."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111, K113))
+    old = write_source(root, "kmt-base", "1.0")
+    with running_service(bus, root, tmp_path / "kmodd.log", daemon=True) as server:
+        for kver in (K111, K113):
+            done = kmodctl(bus, root, "autoinstall", "-k", kver)
+            assert done.returncode == 0, done.stdout + done.stderr + server.output()
+
+        write_source(root, "kmt-base", "2.0")
+        shutil.rmtree(old)
+
+        def versions() -> dict[str, tuple[str, str]]:
+            proc = kmodctl(bus, root, "status", "--json")
+            assert proc.returncode == 0, proc.stderr
+            docs = json.loads(proc.stdout)
+            return {d["kernel"]: (d["version"], d["state"]) for d in docs}
+
+        def upgraded() -> bool:
+            now = versions()
+            return now.get(K111) == ("2.0", "installed") and now.get(K113) in (
+                ("2.0", "installed"),
+                ("2.0", "installed-weak"),
+            )
+
+        until(upgraded, 300)
+        for kver in (K111, K113):
+            waited = kmodctl(bus, root, "wait", "-k", kver, "--timeout", "300")
+            assert waited.returncode == 0, waited.stderr + server.output()
+        assert upgraded(), versions()
+        built = root / "lib/modules" / K111 / "updates/dkms/kmt_simple.ko.xz"
+        links = [p for p in (root / "lib/modules").glob("*/weak-updates/**/*") if p.is_symlink()]
+        assert [p.resolve() for p in links] == (
+            [built] if versions()[K113][1] != "installed" else []
+        )
+        assert modfile.read(built).vermagic.startswith(K111 + " ")
+
+
+def test_a_kernel_whose_weak_link_was_taken_away_gets_a_job_of_its_own(
+    tmp_path: Path, bus: Bus
+) -> None:
+    """No watcher here: K111's job installs kmt-base 2.0 where K113's 1.0 link pointed,
+    takes that link away, and the service queues K113, which then links to 2.0."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111, K113))
+    write_source(root, "kmt-base", "1.0")
+    with running_service(bus, root, tmp_path / "kmodd.log") as server:
+        for kver in (K111, K113):
+            done = kmodctl(bus, root, "autoinstall", "-k", kver)
+            assert done.returncode == 0, done.stdout + done.stderr + server.output()
+        write_source(root, "kmt-base", "2.0")
+        up = kmodctl(bus, root, "autoinstall", "-k", K111)
+        assert up.returncode == 0, up.stdout + up.stderr + server.output()
+        assert f"kmodd: kmt-base/1.0 for {K113}: removed (its weak link went to" in up.stdout
+        waited = kmodctl(bus, root, "wait", "-k", K113, "--timeout", "300")
+        assert waited.returncode == 0, waited.stderr + server.output()
+        proc = kmodctl(bus, root, "status", "--json", "-k", K113)
+        docs = {d["version"]: d for d in json.loads(proc.stdout)}
+        assert docs["2.0"]["state"] == "installed-weak", docs
+        assert docs["2.0"]["weak_from"] == K111
+        assert docs["1.0"]["state"] == "added", "1.0 is still in /usr/src, not installed"
