@@ -83,8 +83,11 @@ class _Run:
             self.changed = True
             self.remake_initrd = self._pending.read_text().strip() == "initrd"
         sources = dkmsconf.find_sources(self.root)
-        for source in sources:
-            self.db.add_source(source.name, source.version, self.root.outside(source.path))
+        added = {
+            (s.name, s.version)
+            for s in sources
+            if self.db.add_source(s.name, s.version, self.root.outside(s.path))
+        }
         sources = dkmsconf.newest(sources)
         if self.options.only is not None:
             sources = [s for s in sources if s.name in self.options.only]
@@ -96,6 +99,9 @@ class _Run:
             autoinstall_only=self.options.only is None,
             avoid_kernels=self.options.avoid_kernels,
         )
+        for decision in decisions:  # DKMS runs POST_ADD at `dkms add`: here, when first seen
+            if decision.conf and (decision.source.name, decision.source.version) in added:
+                self._said_hook(decision.conf, "POST_ADD")
         builds = []
         for decision in decisions:
             if decision.action is Action.BUILD:
@@ -190,20 +196,20 @@ class _Run:
         )
         self._changed(d.conf.remake_initrd)
         self._replace_other_versions(d, files)
-        self._post_install(d.conf)
+        self._said_hook(d.conf, "POST_INSTALL")
         self._say(d, State.INSTALLED_WEAK, d.reason, weak_from=d.weak_from)
 
     def _install_hook(self, conf: dkmsconf.SourceConfig, which: str) -> None:
-        builder.install_hook(
+        builder.source_hook(
             self.root, conf, self.k.release, which, timeout=self.config.build_timeout
         )
 
-    def _post_install(self, conf: dkmsconf.SourceConfig) -> None:
-        """POST_INSTALL: as with DKMS, its failure is said but undoes nothing."""
+    def _said_hook(self, conf: dkmsconf.SourceConfig, which: str) -> None:
+        """POST_INSTALL, POST_ADD: as with DKMS, a failure is said but undoes nothing."""
         try:
-            self._install_hook(conf, "POST_INSTALL")
+            self._install_hook(conf, which)
         except BuildError as err:
-            log.warning("POST_INSTALL failed", module=conf.name, kver=self.k.release,
+            log.warning(f"{which} failed", module=conf.name, kver=self.k.release,
                         problem=err.problem, log=os.fspath(err.log or ""))  # fmt: skip
 
     def _claimed_by_another(self, d: Decision, modules: Sequence[Path]) -> str | None:
@@ -335,7 +341,7 @@ class _Run:
         )
         self._changed(remake)
         self._replace_other_versions(d, files)
-        self._post_install(result.conf)
+        self._said_hook(result.conf, "POST_INSTALL")
         self._say(d, State.INSTALLED, "built and installed", result.log)
         return True
 

@@ -178,18 +178,22 @@ def _build_in(
     return tuple(built)
 
 
-def install_hook(
-    root: Root, conf: SourceConfig, kernel: str, which: str, *, timeout: float
-) -> None:
-    """PRE_INSTALL or POST_INSTALL, as DKMS runs them: the script as written, relative to
-    the source dir and run from it, with kernelver and arch set; its output goes to
-    install.log beside the build. Raises BuildError naming the directive when it fails."""
-    script = conf.pre_install if which == "PRE_INSTALL" else conf.post_install
+def source_hook(root: Root, conf: SourceConfig, kernel: str, which: str, *, timeout: float) -> None:
+    """PRE_INSTALL, POST_INSTALL, POST_ADD or POST_REMOVE, as DKMS runs them: the script
+    as written, relative to the source dir and run from it, with kernelver and arch set;
+    its output goes to hooks.log beside the build. Raises BuildError naming the
+    directive when it fails."""
+    script = {
+        "PRE_INSTALL": conf.pre_install,
+        "POST_INSTALL": conf.post_install,
+        "POST_ADD": conf.post_add,
+        "POST_REMOVE": conf.post_remove,
+    }[which]
     if not script:
         return
     out = store_dir(root, conf.name, conf.version, kernel, conf.arch)
     out.mkdir(parents=True, exist_ok=True)
-    logfile = out / "install.log"
+    logfile = out / "hooks.log"
     argv = shlex.split(script)
     exe = conf.source_dir / argv[0].lstrip("/")
     what = f"{conf.name}/{conf.version} for {kernel}"

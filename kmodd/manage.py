@@ -7,10 +7,10 @@ import os
 
 import structlog
 
-from kmodd import builder, config, dkms_compat, dkmsconf, install, kernel, store
+from kmodd import builder, config, dkms_compat, dkmsconf, install, kernel, plan, store
 from kmodd.autoinstall import Options, autoinstall
 from kmodd.dkmsconf import SourceDir
-from kmodd.errors import BuildError, NotFoundError, UsageError
+from kmodd.errors import BuildError, KmoddError, NotFoundError, UsageError
 from kmodd.outcome import Outcome
 from kmodd.paths import Root
 from kmodd.plan import Action
@@ -105,10 +105,23 @@ def uninstall(root: Root, spec: str, release: str, options: Options) -> list[Out
         )
         dependants = [r.kernel for r in db.records(name=source.name) if r.weak_from == release]
     install.depmod(root, release)
+    _post_remove(root, source, release)
     outcomes = []
     for other in dependants:
         outcomes += autoinstall(root, other, _only(options, source.name))
     return outcomes
+
+
+def _post_remove(root: Root, source: SourceDir, release: str) -> None:
+    """The source's POST_REMOVE, as DKMS runs it after a remove; a failure is said."""
+    try:
+        conf = plan.evaluate_for(root, source, kernel.find(root, release))
+        builder.source_hook(
+            root, conf, release, "POST_REMOVE", timeout=config.load(root).build_timeout
+        )
+    except KmoddError as err:
+        log.warning("POST_REMOVE not run or failed", module=source.name, kver=release,
+                    problem=str(err))  # fmt: skip
 
 
 def remove_kernel(root: Root, release: str, options: Options) -> list[Outcome]:

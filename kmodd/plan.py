@@ -64,6 +64,18 @@ def files_present(root: Root, record: Record) -> bool:
     return bool(record.files) and all(root.path(f).exists() for f in record.files)
 
 
+def evaluate_for(root: Root, source: SourceDir, k: kernel.Kernel) -> SourceConfig:
+    """`source`'s dkms.conf as it reads for kernel `k` (not for building: no work dir)."""
+    return dkmsconf.evaluate(
+        root,
+        source.path / "dkms.conf",
+        kernel=k.release,
+        arch=k.arch or "unknown",
+        kernel_source_dir=k.build_dir or k.modules_dir / "build",
+        dkms_tree=root.state_dir / "work" / "plan",
+    )
+
+
 def plan_kernel(
     root: Root,
     store: Store,
@@ -105,16 +117,8 @@ class _Planner:
 
     def decide(self, source: SourceDir) -> Decision | None:
         k = self.k
-        arch = k.arch or "unknown"
         try:
-            conf = dkmsconf.evaluate(
-                self.root,
-                source.path / "dkms.conf",
-                kernel=k.release,
-                arch=arch,
-                kernel_source_dir=k.build_dir or k.modules_dir / "build",
-                dkms_tree=self.root.state_dir / "work" / "plan",
-            )
+            conf = evaluate_for(self.root, source, k)
         except KmoddError as err:
             return Decision(source, k.release, Action.FAILED, str(err))
 
@@ -124,7 +128,7 @@ class _Planner:
         excluded = conf.exclusion(k.config)
         if excluded:
             return decision(Action.EXCLUDED, excluded)
-        dkms_version = dkms_compat.installed_by_dkms(self.root, conf.name, k.release, arch)
+        dkms_version = dkms_compat.installed_by_dkms(self.root, conf.name, k.release, conf.arch)
         if dkms_version and not self.store.adopted(conf.name):
             return decision(
                 Action.DKMS,

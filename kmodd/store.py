@@ -129,12 +129,18 @@ class Store:
 
     # sources ------------------------------------------------------------------------
 
-    def add_source(self, name: str, version: str, path: str) -> None:
-        self._db.execute(
-            "INSERT INTO sources (name, version, path) VALUES (?, ?, ?) "
-            "ON CONFLICT (name, version) DO UPDATE SET path = excluded.path",
+    def add_source(self, name: str, version: str, path: str) -> bool:
+        """Register a source; True when kmodd had not known it (POST_ADD runs then): one
+        statement decides, so two jobs at once cannot both see it new."""
+        inserted = self._db.execute(
+            "INSERT OR IGNORE INTO sources (name, version, path) VALUES (?, ?, ?)",
             (name, version, path),
-        )
+        ).rowcount
+        if not inserted:
+            self._db.execute(
+                "UPDATE sources SET path = ? WHERE name = ? AND version = ?", (path, name, version)
+            )
+        return inserted == 1
 
     def remove_source(self, name: str, version: str) -> None:
         self._db.execute("DELETE FROM sources WHERE name = ? AND version = ?", (name, version))

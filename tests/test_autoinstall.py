@@ -281,13 +281,17 @@ def test_build_and_install_commands(tmp_path: Path) -> None:
     assert missing.stderr == "kmodctl: no module source no-such-source in /usr/src\n"
 
 
-def test_pre_and_post_install_run_around_every_install_built_or_weak(tmp_path: Path) -> None:
+def test_dkms_hooks_run_as_dkms_runs_them(tmp_path: Path) -> None:
+    """POST_ADD once, when kmodd first sees the source; PRE_INSTALL and POST_INSTALL
+    around every install, built or weak-linked; POST_REMOVE after an uninstall. A failing
+    PRE_INSTALL stops that install, naming the directive."""
     require_tool("make")
     root = make_system(tmp_path / "root", (K111, K113))
     record = tmp_path / "hooks.log"
     hooked = write_source(
         root, "kmt-hooked", modules=("kmt_simple",),
-        extra='AUTOINSTALL=yes\nPRE_INSTALL="scripts/pre"\nPOST_INSTALL="scripts/post done"\n',
+        extra='AUTOINSTALL=yes\nPRE_INSTALL="scripts/pre"\nPOST_INSTALL="scripts/post done"\n'
+        'POST_ADD="scripts/added"\nPOST_REMOVE="scripts/removed"\n',
     )  # fmt: skip
     refused = write_source(
         root, "kmt-refused", modules=("kmt_kmalloc",), extra='AUTOINSTALL=yes\nPRE_INSTALL="no"\n'
@@ -296,6 +300,8 @@ def test_pre_and_post_install_run_around_every_install_built_or_weak(tmp_path: P
     scripts = {
         hooked / "scripts/pre": f'echo "pre $kernelver $arch $(pwd) $#" >> {record}',
         hooked / "scripts/post": f'echo "post $kernelver $arch $(pwd) $1" >> {record}',
+        hooked / "scripts/added": f'echo "added $kernelver" >> {record}',
+        hooked / "scripts/removed": f'echo "removed $kernelver" >> {record}',
         refused / "no": "echo not for this kernel >&2; exit 3",
     }
     for script, body in scripts.items():
@@ -307,21 +313,25 @@ def test_pre_and_post_install_run_around_every_install_built_or_weak(tmp_path: P
     assert f"kmodd: kmt-hooked/1.0 for {K111}: built" in first.stdout.splitlines()
     assert re.search(
         rf"^kmodd: kmt-refused/1\.0 for {re.escape(K111)}: failed \(PRE_INSTALL no exited with "
-        r"status 3; log: /\S+/install\.log\)$",
+        r"status 3; log: /\S+/hooks\.log\)$",
         first.stdout,
         re.M,
     ), first.stdout
     assert not list((root / "lib/modules" / K111).rglob("kmt_kmalloc.ko*")), "not installed"
-    install_log = root / f"var/lib/kmodd/builds/kmt-refused/1.0/{K111}/x86_64/install.log"
+    install_log = root / f"var/lib/kmodd/builds/kmt-refused/1.0/{K111}/x86_64/hooks.log"
     assert "not for this kernel" in install_log.read_text()
 
     second = kmodctl(root, "autoinstall", "-k", K113)
     assert f"kmodd: kmt-hooked/1.0 for {K113}: weak-linked from {K111}" in second.stdout
+    gone = kmodctl(root, "uninstall", "-m", "kmt-hooked", "-k", K113)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
     assert record.read_text().splitlines() == [
+        f"added {K111}",
         f"pre {K111} x86_64 {hooked} 0",
         f"post {K111} x86_64 {hooked} done",
         f"pre {K113} x86_64 {hooked} 0",
         f"post {K113} x86_64 {hooked} done",
+        f"removed {K113}",
     ]
 
 
