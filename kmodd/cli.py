@@ -57,14 +57,23 @@ def _report(outcomes: list[Outcome]) -> int:
 
 
 def _service(root: Root) -> dbus_api.Client | None:
-    """The running service, when it serves this root (only `/` goes over the bus)."""
-    if root.prefix != Path("/") and not os.environ.get("KMODD_BUS_ROOT"):
+    """The running service, when it serves this root (its `Root` property says which);
+    a service for another root leaves this one to the in-process path."""
+    client = dbus_api.Client.connect()
+    if client is None:
         return None
-    return dbus_api.Client.connect()
+    try:
+        served = Path(client.root())
+    except KmoddError:
+        served = Path("/")  # a kmodd from before the Root property served / only
+    if served != root.prefix:
+        client.close()
+        return None
+    return client
 
 
-def _down(what: str) -> None:
-    print(f"kmodctl: the kmodd service is not running; {what}", file=sys.stderr)
+def _down(root: Root, what: str) -> None:
+    print(f"kmodctl: the kmodd service is not running for {root.prefix}; {what}", file=sys.stderr)
 
 
 def _in_process(root: Root, work: Callable[[], list[Outcome]]) -> int:
@@ -163,7 +172,7 @@ def _status(args: argparse.Namespace, root: Root) -> int:
         docs = client.status(args.module or "", args.kernel or "")
         lines = [status.Line.from_json(doc) for doc in docs]
     else:
-        _down("reading its state directly")
+        _down(root, "reading its state directly")
         with Store.open(root, readonly=True) as db:
             lines = status.status(root, db, name=args.module, release=args.kernel)
     if args.json:
@@ -218,7 +227,7 @@ def _plan(args: argparse.Namespace, root: Root) -> int:
     if client is not None:
         rows = client.plan(release)
     else:
-        _down("planning here")
+        _down(root, "planning here")
         rows = [d.json() for d in plan.plan_for(root, release)]
     if args.json:
         _print_json(rows)

@@ -28,7 +28,7 @@ TOP = Path(__file__).resolve().parent.parent
 
 def kmodctl(bus: Bus, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """kmodctl as an admin runs it, talking to the service for this root."""
-    env = bus.env(KMODD_BUS_ROOT="1", PYTHONPATH=os.fspath(TOP))
+    env = bus.env(PYTHONPATH=os.fspath(TOP))
     return subprocess.run(
         [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root), *args],
         env=env,
@@ -117,7 +117,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(tmp_path: Path, bus: Bus) -
     slow.write_text("#!/bin/sh\nsleep 4\n")
     slow.chmod(0o755)
     with running_service(bus, root, tmp_path / "first.log", daemon=True) as server:
-        env = bus.env(KMODD_BUS_ROOT="1", PYTHONPATH=os.fspath(TOP))
+        env = bus.env(PYTHONPATH=os.fspath(TOP))
         subprocess.Popen(
             [
                 sys.executable,
@@ -261,3 +261,23 @@ def test_a_kernel_whose_weak_link_was_taken_away_gets_a_job_of_its_own(
         assert docs["2.0"]["state"] == "installed-weak", docs
         assert docs["2.0"]["weak_from"] == K111
         assert docs["1.0"]["state"] == "added", "1.0 is still in /usr/src, not installed"
+
+
+def test_kmodctl_uses_the_service_only_for_the_root_it_serves(tmp_path: Path, bus: Bus) -> None:
+    """No switch needed: the service says which root it serves (its Root property), and
+    kmodctl --root OTHER works on OTHER itself, under the writers' lock of OTHER."""
+    served = make_system(tmp_path / "served", (K113,))
+    other = make_system(tmp_path / "other", (K113,))
+    write_source(served, "kmt-base")
+    write_source(other, "kmt-misc")
+    with running_service(bus, served, tmp_path / "kmodd.log") as server:
+        mine = kmodctl(bus, served, "status")
+        assert mine.returncode == 0, mine.stderr + server.output()
+        assert "not running" not in mine.stderr, "status must come from the service"
+        assert mine.stdout == f"kmt-base/1.0, {K113}, x86_64: added\n"
+        theirs = kmodctl(bus, other, "status")
+        assert theirs.returncode == 0, theirs.stderr
+        assert theirs.stderr == (
+            f"kmodctl: the kmodd service is not running for {other}; reading its state directly\n"
+        )
+        assert theirs.stdout == f"kmt-misc/1.0, {K113}, x86_64: added\n"

@@ -111,7 +111,11 @@ def test_the_interface_is_what_kmodctl_is_written_against(served: Served) -> Non
     signals = {s.name: "".join(a.signature for a in s.args) for s in manager.signals}
     assert signals == {"JobChanged": "a{ss}", "KernelReady": "sb"}
     props = {p.name: (p.signature, p.access.value) for p in manager.properties}
-    assert props == {"Version": ("s", "read"), "QueueLength": ("u", "read")}
+    assert props == {
+        "Version": ("s", "read"),
+        "QueueLength": ("u", "read"),
+        "Root": ("s", "read"),
+    }
 
 
 def test_status_answers_root_and_everyone_else(served: Served, client: Client) -> None:
@@ -255,7 +259,7 @@ def test_property_misuse_is_refused_quietly(served: Served) -> None:
     assert set_[0] == "org.freedesktop.DBus.Error.PropertyReadOnly"
     assert get[0] == "org.freedesktop.DBus.Error.UnknownProperty"
     assert other[0] == "org.freedesktop.DBus.Error.UnknownInterface"
-    assert get_all[0] is None and set(get_all[1][0]) == {"Version", "QueueLength"}
+    assert get_all[0] is None and set(get_all[1][0]) == {"Version", "QueueLength", "Root"}
     assert served.server.output() == before  # nothing logged
 
 

@@ -105,6 +105,10 @@ class Client:
     def queue_length(self) -> int:
         return int(self._property("QueueLength"))
 
+    def root(self) -> str:
+        """The root the service serves."""
+        return str(self._property("Root"))
+
     def wait(
         self, kernel: str, timeout: float, on_job: JobCallback | None = None
     ) -> tuple[bool, list[dict[str, str]]]:

@@ -190,6 +190,11 @@ class Manager(ServiceInterface):
     def QueueLength(self) -> int:
         return self._service.queue_length
 
+    @readonly("s")
+    def Root(self) -> str:
+        """The system it serves: `/`, or the prefix of an image or a test's tree."""
+        return os.fspath(self._service.root.prefix)
+
 
 class ServiceBus:
     """The service's presence on the system bus; `close()` takes it all down."""
