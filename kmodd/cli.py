@@ -186,9 +186,8 @@ def _status(args: argparse.Namespace, root: Root) -> int:
 
 def _initrd_modules(args: argparse.Namespace, root: Root) -> int:
     """For initrd generators' hooks: the names to add, one per line. Reads the state
-    directly, never the bus: the generator may be running inside the service's own job."""
-    if not (root.state_dir / "state.db").exists():
-        return 0  # kmodd has installed nothing yet
+    directly, never the bus: the generator may be running inside the service's own job.
+    No state yet (kmodd installed nothing) reads as empty."""
     with Store.open(root, readonly=True) as db:
         for name in initrd.modules_for(root, db, args.kernel):
             print(name)

@@ -10,6 +10,7 @@ records what is missing, which `kmodctl status` then shows.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,6 +38,9 @@ class Generator:
     """Path of the tool inside the root."""
     lister: tuple[str, ...]
     """Tools that list an image this generator made, inside the root, best first."""
+    images: tuple[str, ...] = ("/boot/initrd.img-{kernel}", "/boot/initramfs-{kernel}.img")
+    """Where a kernel's image is, best first: Debian's name (initramfs-tools', and
+    Debian's dracut's), Fedora's; mkinitcpio's preset image last."""
 
     def argv(self, kernel: str, image: Path) -> list[str]:
         if self.name == "update-initramfs":
@@ -53,7 +57,12 @@ _GENERATORS = (
         ("/usr/bin/lsinitramfs", "/usr/sbin/lsinitramfs"),
     ),
     Generator("dracut", "/usr/bin/dracut", ("/usr/bin/lsinitrd", "/usr/sbin/lsinitrd")),
-    Generator("mkinitcpio", "/usr/bin/mkinitcpio", ("/usr/bin/lsinitcpio",)),
+    Generator(
+        "mkinitcpio",
+        "/usr/bin/mkinitcpio",
+        ("/usr/bin/lsinitcpio",),
+        ("/boot/initramfs-{kernel}.img", "/boot/initramfs-linux.img"),
+    ),
 )
 _OTHER_TOOL_DIRS = ("/usr/sbin", "/sbin", "/bin")
 
@@ -65,14 +74,15 @@ def detect(root: Root) -> Generator | None:
         for where in (tool_path.parent, *_OTHER_TOOL_DIRS):
             tool = f"{where}/{tool_path.name}"
             if root.path(tool).exists():
-                return Generator(gen.name, tool, gen.lister)
+                return dataclasses.replace(gen, tool=tool)
     return None
 
 
-def image_for(root: Root, kernel: str) -> Path | None:
-    """`kernel`'s initrd: Debian's (initramfs-tools' and dracut's there) or Fedora's name."""
-    for inside in (f"/boot/initrd.img-{kernel}", f"/boot/initramfs-{kernel}.img"):
-        image = root.path(inside)
+def image_for(root: Root, kernel: str, gen: Generator | None = None) -> Path | None:
+    """`kernel`'s initrd, where the installed generator (`gen`, else detected) puts it."""
+    gen = gen or detect(root) or _GENERATORS[0]
+    for pattern in gen.images:
+        image = root.path(pattern.format(kernel=kernel))
         if image.is_file():
             return image
     return None
@@ -85,7 +95,7 @@ def regenerate(root: Root, kernel: str) -> Path | None:
     if gen is None:
         log.warning("no initrd generator found", kver=kernel)
         return None
-    image = image_for(root, kernel)
+    image = image_for(root, kernel, gen)
     if image is None:
         log.info("no initrd to regenerate yet", kver=kernel)
         return None
