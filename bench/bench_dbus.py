@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kmodd.dbus_api import Client
 from kmodd.paths import Root
+from kmodd.request import Request, Verb
 from kmodd.state import State
 from kmodd.store import Record, Store
 from tests.conftest import K113
@@ -107,7 +108,7 @@ def main() -> None:
             print(f"service pid {server.pid}: {' '.join(server.argv[1:4])}")
             print(f"  RSS at start                  {proc_status(server.pid, 'VmRSS')}")
 
-            job = client.add_kernel(K113)
+            job = client.submit(Request(Verb.AUTOINSTALL, K113))
             deadline = time.monotonic() + 30
             while not any(j["id"] == str(job) and j["state"] == "running" for j in client.jobs()):
                 assert time.monotonic() < deadline, "the job did not start"

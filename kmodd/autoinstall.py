@@ -8,9 +8,9 @@ A failure is recorded with its log and never stops the other modules.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ class Options:
     only: frozenset[str] | None = None
     """Only these source names (default: every source with AUTOINSTALL=yes)."""
     avoid_kernels: frozenset[str] = frozenset()
+    pins: Mapping[str, str] = field(default_factory=dict)
+    """Versions to install instead of the newest, over kmodd.conf's `pin.NAME`."""
 
 
 def autoinstall(root: Root, release: str, options: Options = Options()) -> list[Outcome]:
@@ -88,7 +90,7 @@ class _Run:
             for s in sources
             if self.db.add_source(s.name, s.version, self.root.outside(s.path))
         }
-        sources = dkmsconf.newest(sources)
+        sources = dkmsconf.newest(sources, {**self.config.pins, **self.options.pins})
         if self.options.only is not None:
             sources = [s for s in sources if s.name in self.options.only]
         decisions = plan_kernel(

@@ -13,11 +13,24 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from kmodd import __version__, check, dbus_api, initrd, kernel, log, manage, plan, status, store
-from kmodd.autoinstall import Options, autoinstall
+from kmodd import (
+    __version__,
+    check,
+    dbus_api,
+    initrd,
+    kernel,
+    log,
+    manage,
+    perform,
+    plan,
+    status,
+    store,
+)
+from kmodd.autoinstall import Options
 from kmodd.errors import EXIT_CODES, BuildError, KmoddError, NotFoundError, UsageError
 from kmodd.outcome import Outcome
 from kmodd.paths import Root
+from kmodd.request import Request, Verb
 from kmodd.store import Store
 
 Command = Callable[[argparse.Namespace, Root], int]
@@ -42,11 +55,34 @@ def _check(args: argparse.Namespace, root: Root) -> int:
     return 0 if all(r.reusable for r in reports) else 1
 
 
-def _options(args: argparse.Namespace) -> Options:
-    jobs = getattr(args, "jobs", None) or os.cpu_count() or 1
+def _jobs(args: argparse.Namespace) -> int:
+    jobs: int = getattr(args, "jobs", None) or os.cpu_count() or 1
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    return Options(jobs=jobs, initrd=not getattr(args, "no_initrd", False))
+    return jobs
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(jobs=_jobs(args), initrd=not getattr(args, "no_initrd", False))
+
+
+def _request(args: argparse.Namespace, verb: Verb, release: str, source: str = "") -> Request:
+    return Request(verb, release, source, initrd=not getattr(args, "no_initrd", False))
+
+
+def _submit(args: argparse.Namespace, root: Root, requests: list[Request]) -> int:
+    """The one way a changing request goes: to the service that serves this root, or
+    performed here (with what other kernels need, in the service's order)."""
+    client = _service(root)
+    worst = 0
+    for request in requests:
+        if client is not None:
+            job = client.submit(request)
+            code = _via_service(client, request.kernel, job, args.timeout)
+        else:
+            code = _in_process(root, partial(perform.run_here, root, request, _jobs(args)))
+        worst = max(worst, code)
+    return worst
 
 
 def _report(outcomes: list[Outcome]) -> int:
@@ -92,15 +128,24 @@ def _in_process(root: Root, work: Callable[[], list[Outcome]]) -> int:
 
 
 def _via_service(client: dbus_api.Client, release: str, job: int, timeout: float) -> int:
-    """Wait for the job's kernel and report the job's outcomes."""
+    """Wait for the job's kernel and report the outcomes of the jobs it waited for,
+    then its own."""
     done, jobs = client.wait(release, timeout, _progress(release))
     if not done:
         print(f"kmodctl: {release}: still busy after {timeout:.0f} s (job {job})", file=sys.stderr)
         return TIMEOUT_EXIT
-    mine = [j for j in jobs if j.get("id") == str(job)] or jobs[:1]
-    outcomes = [Outcome.from_json(doc) for doc in json.loads(mine[0]["outcomes"])] if mine else []
-    if mine and mine[0].get("state") == "failed" and not outcomes:
-        print(f"kmodctl: job {job}: {mine[0].get('detail')}", file=sys.stderr)
+    mine = next((j for j in jobs if j.get("id") == str(job)), jobs[0] if jobs else None)
+    if mine is None:
+        return 0
+    first = {i for i in mine.get("after", "").split(",") if i}
+    earlier = [j for j in client.jobs() if j.get("id") in first] if first else []
+    outcomes = [
+        Outcome.from_json(doc)
+        for j in [*sorted(earlier, key=lambda j: int(j["id"])), mine]
+        for doc in json.loads(j["outcomes"])
+    ]
+    if mine.get("state") == "failed" and not outcomes:
+        print(f"kmodctl: job {job}: {mine.get('detail')}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return _report(outcomes)
 
@@ -118,48 +163,26 @@ def _autoinstall(args: argparse.Namespace, root: Root) -> int:
             print(f"no kernels installed in {root.outside(root.modules_dirs[0])}")
     else:
         releases = [_kernel_or_running(args)]
-    client = _service(root)
-    worst = 0
-    for release in releases:
-        if client is not None:
-            code = _via_service(client, release, client.add_kernel(release), args.timeout)
-        else:
-            code = _in_process(root, partial(autoinstall, root, release, _options(args)))
-        worst = max(worst, code)
-    return worst
+    return _submit(args, root, [_request(args, Verb.AUTOINSTALL, r) for r in releases])
 
 
 def _build(args: argparse.Namespace, root: Root) -> int:
     release = _kernel_or_running(args)
-    return _in_process(
-        root, lambda: [manage.build_only(root, args.module, release, _options(args).jobs)]
-    )
+    return _in_process(root, lambda: [manage.build_only(root, args.module, release, _jobs(args))])
 
 
 def _install(args: argparse.Namespace, root: Root) -> int:
     release = _kernel_or_running(args)
-    client = _service(root)
-    if client is not None:
-        return _via_service(client, release, client.build(args.module, release), args.timeout)
-    return _in_process(
-        root, lambda: manage.install_source(root, args.module, release, _options(args))
-    )
+    return _submit(args, root, [_request(args, Verb.INSTALL, release, args.module)])
 
 
 def _uninstall(args: argparse.Namespace, root: Root) -> int:
     release = _kernel_or_running(args)
-    client = _service(root)
-    if client is not None:
-        return _via_service(client, release, client.uninstall(args.module, release), args.timeout)
-    return _in_process(root, lambda: manage.uninstall(root, args.module, release, _options(args)))
+    return _submit(args, root, [_request(args, Verb.UNINSTALL, release, args.module)])
 
 
 def _remove_kernel(args: argparse.Namespace, root: Root) -> int:
-    client = _service(root)
-    if client is not None:
-        job = client.remove_kernel(args.release)
-        return _via_service(client, args.release, job, args.timeout)
-    return _in_process(root, lambda: manage.remove_kernel(root, args.release, _options(args)))
+    return _submit(args, root, [_request(args, Verb.REMOVE_KERNEL, args.release)])
 
 
 def _adopt(args: argparse.Namespace, root: Root) -> int:

@@ -4,19 +4,22 @@
     sign_cert = /var/lib/shim-signed/mok/MOK.der   # its certificate
     build_timeout = 3600                           # seconds one build may take
     wait_timeout = 900                             # seconds a kernel hook waits for its modules
+    pin.nvidia = 535.183.01                        # install this version of a source,
+                                                   # not the newest in /usr/src
 
 Paths are inside the root. A missing file means the defaults.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmodd.errors import BadInputError
 from kmodd.paths import Root
 
 _KNOWN = {"sign_key", "sign_cert", "build_timeout", "wait_timeout"}
+_PIN = "pin."
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class Config:
     sign_cert: Path | None = None
     build_timeout: float = 3600.0
     wait_timeout: float = 900.0
+    pins: dict[str, str] = field(default_factory=dict)
+    """Source name → the version to install instead of the newest."""
 
 
 def load(root: Root) -> Config:
@@ -32,14 +37,20 @@ def load(root: Root) -> Config:
     if not path.is_file():
         return Config()
     values: dict[str, str] = {}
+    pins: dict[str, str] = {}
     for lineno, raw in enumerate(path.read_text(errors="replace").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         key, sep, value = (part.strip() for part in line.partition("="))
+        if sep and key.startswith(_PIN) and key[len(_PIN) :] and value:
+            pins[key[len(_PIN) :]] = value.strip("\"'")
+            continue
         if not sep or key not in _KNOWN:
             raise BadInputError(
-                path, f"expected one of {', '.join(sorted(_KNOWN))} = VALUE", line=lineno
+                path,
+                f"expected KEY = VALUE, KEY one of {', '.join(sorted(_KNOWN))} or pin.NAME",
+                line=lineno,
             )
         values[key] = value.strip("\"'")
 
@@ -56,5 +67,9 @@ def load(root: Root) -> Config:
     if (sign_key is None) != (sign_cert is None):
         raise BadInputError(path, "sign_key and sign_cert go together")
     return Config(
-        sign_key, sign_cert, seconds("build_timeout", 3600.0), seconds("wait_timeout", 900.0)
+        sign_key,
+        sign_cert,
+        seconds("build_timeout", 3600.0),
+        seconds("wait_timeout", 900.0),
+        pins,
     )

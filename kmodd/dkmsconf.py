@@ -203,13 +203,21 @@ def find_sources(root: Root) -> list[SourceDir]:
     return found
 
 
-def newest(sources: list[SourceDir]) -> list[SourceDir]:
-    """One source per name, the newest version by DKMS's order: what a kernel gets (two
-    versions' modules share their file names, so only one can be installed)."""
+def newest(sources: list[SourceDir], pins: Mapping[str, str] | None = None) -> list[SourceDir]:
+    """One source per name: the pinned version when it is there, else the newest by
+    DKMS's order. What a kernel gets (two versions' modules share their file names, so
+    only one can be installed)."""
+    pins = pins or {}
     best: dict[str, SourceDir] = {}
     for source in sources:
         held = best.get(source.name)
-        if held is None or dkms_ver(source.version) > dkms_ver(held.version):
+        if held is not None and held.version == pins.get(source.name):
+            continue
+        if (
+            held is None
+            or source.version == pins.get(source.name)
+            or dkms_ver(source.version) > dkms_ver(held.version)
+        ):
             best[source.name] = source
     return sorted(best.values(), key=lambda s: s.path.name)
 

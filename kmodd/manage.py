@@ -3,6 +3,7 @@ uninstall, remove a kernel, adopt from DKMS. All under the writers' lock."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import structlog
@@ -77,16 +78,34 @@ def build_only(root: Root, spec: str, release: str, jobs: int) -> Outcome:
 
 
 def install_source(root: Root, spec: str, release: str, options: Options) -> list[Outcome]:
+    """NAME (its pinned or newest version) or NAME/VERSION (that one, this time)."""
     source = find_source(root, spec)
-    return autoinstall(root, release, _only(options, source.name))
+    options = _only(options, source.name)
+    if "/" in spec:
+        options = dataclasses.replace(options, pins={source.name: source.version})
+    return autoinstall(root, release, options)
 
 
 def _only(options: Options, name: str) -> Options:
-    return Options(options.jobs, options.initrd, frozenset({name}), options.avoid_kernels)
+    return dataclasses.replace(options, only=frozenset({name}))
 
 
-def uninstall(root: Root, spec: str, release: str, options: Options) -> list[Outcome]:
-    """Remove NAME from KVER; kernels that weak-linked to it get another build."""
+def weak_dependants(root: Root, release: str, name: str | None = None) -> dict[str, list[str]]:
+    """Other kernels whose weak links go to `release`'s builds (of source `name`, or
+    of any): kernel → source names. They need builds of their own before those go."""
+    with Store.open(root, readonly=True) as db:
+        found: dict[str, set[str]] = {}
+        for r in db.records(name=name):
+            if r.weak_from == release and r.kernel != release and r.files:
+                found.setdefault(r.kernel, set()).add(r.name)
+    return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+def uninstall(root: Root, spec: str, release: str) -> list[Outcome]:
+    """Remove NAME from KVER. Weak links other kernels still have to its build are
+    taken away with it (never left dangling), each an outcome of its own: those
+    kernels need a verdict again (`weak_dependants` named them beforehand, so their
+    own requests normally relinked them first)."""
     source = find_source(root, spec)
     with store.lock(root), Store.open(root) as db:
         record = db.record(source.name, source.version, release)
@@ -103,12 +122,28 @@ def uninstall(root: Root, spec: str, release: str, options: Options) -> list[Out
                 detail="uninstalled",
             )
         )
-        dependants = [r.kernel for r in db.records(name=source.name) if r.weak_from == release]
+        why = f"its weak link went to {source.name}'s build for {release}, now uninstalled"
+        outcomes = _take_away(root, db, db.records(name=source.name), release, why)
     install.depmod(root, release)
     _post_remove(root, source, release)
+    return outcomes
+
+
+def _take_away(
+    root: Root, db: Store, records: list[Record], release: str, why: str
+) -> list[Outcome]:
+    """Remove the weak links of `records` that go to `release`'s builds; each becomes
+    an ADDED record and an outcome saying so; depmod runs for each kernel touched."""
     outcomes = []
-    for other in dependants:
-        outcomes += autoinstall(root, other, _only(options, source.name))
+    for r in records:
+        if r.weak_from != release or r.kernel == release or not r.files:
+            continue
+        install.remove_files(root, list(r.files))
+        said = f"{why}: to be judged again (kmodctl autoinstall -k {r.kernel})"
+        db.put(Record(r.name, r.version, r.kernel, r.arch, State.ADDED, detail=said))
+        outcomes.append(Outcome(r.name, r.version, r.kernel, Action.WEAK, State.ADDED, said))
+    for other in sorted({o.kernel for o in outcomes}):
+        install.depmod(root, other)
     return outcomes
 
 
@@ -124,21 +159,14 @@ def _post_remove(root: Root, source: SourceDir, release: str) -> None:
                     problem=str(err))  # fmt: skip
 
 
-def remove_kernel(root: Root, release: str, options: Options) -> list[Outcome]:
-    """Forget KVER: first give the kernels that weak-link into it another build, then
-    remove what kmodd installed for it, so no link is ever left dangling."""
+def remove_kernel(root: Root, release: str) -> list[Outcome]:
+    """Forget KVER: remove what kmodd installed for it and its records. Weak links
+    other kernels still have to its builds are taken away with it (never left
+    dangling), each an outcome of its own (`weak_dependants` named them beforehand,
+    so their own requests normally gave them builds of their own first)."""
     with store.lock(root), Store.open(root) as db:
-        dependants: dict[str, set[str]] = {}
-        for r in db.records():
-            if r.weak_from == release and r.kernel != release:
-                dependants.setdefault(r.kernel, set()).add(r.name)
-    outcomes = []
-    for other, names in sorted(dependants.items()):
-        avoid = options.avoid_kernels | {release}
-        outcomes += autoinstall(
-            root, other, Options(options.jobs, options.initrd, frozenset(names), avoid)
-        )
-    with store.lock(root), Store.open(root) as db:
+        why = f"its weak link went to a build for {release}, which was removed"
+        outcomes = _take_away(root, db, db.records(), release, why)
         for r in db.records(kernel=release):
             install.remove_files(root, list(r.files))
         db.delete_kernel(release)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from kmodd import compat, dkms_compat, dkmsconf, kernel, modfile
+from kmodd import compat, config, dkms_compat, dkmsconf, kernel, modfile
 from kmodd.dkmsconf import SourceConfig, SourceDir
 from kmodd.errors import KmoddError
 from kmodd.paths import Root
@@ -188,8 +188,14 @@ class _Planner:
         return "no reusable build (" + "; ".join(reasons) + ")"
 
 
+def chosen_sources(root: Root) -> list[dkmsconf.SourceDir]:
+    """The version of each source in /usr/src that a kernel gets: the one pinned in
+    kmodd.conf (`pin.NAME`), else the newest."""
+    return dkmsconf.newest(dkmsconf.find_sources(root), config.load(root).pins)
+
+
 def plan_for(root: Root, release: str) -> list[Decision]:
-    """`plan_kernel` for every source, with its own view of the store."""
+    """`plan_kernel` for each source's chosen version, with its own view of the store."""
     k = kernel.find(root, release)
     with Store.open(root, readonly=True) as db:
-        return plan_kernel(root, db, k, dkmsconf.find_sources(root))
+        return plan_kernel(root, db, k, chosen_sources(root))

@@ -15,6 +15,7 @@ from enum import IntEnum, StrEnum
 from pathlib import Path
 
 from kmodd.paths import Root
+from kmodd.request import Request, Verb
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -22,20 +23,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     kind TEXT NOT NULL, kernel TEXT NOT NULL, source TEXT NOT NULL DEFAULT '',
     priority INTEGER NOT NULL, state TEXT NOT NULL,
     created REAL NOT NULL, started REAL, finished REAL,
-    detail TEXT NOT NULL DEFAULT '', outcomes TEXT NOT NULL DEFAULT '[]');
+    detail TEXT NOT NULL DEFAULT '', outcomes TEXT NOT NULL DEFAULT '[]',
+    options TEXT NOT NULL DEFAULT '{}', after_jobs TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, priority, id);
 """
-
-
-class JobKind(StrEnum):
-    KERNEL = "kernel"
-    """Bring a kernel up to date: every AUTOINSTALL source."""
-    SOURCE = "source"
-    """Build or weak-link one source for one kernel."""
-    REMOVE_KERNEL = "remove-kernel"
-    UNINSTALL = "uninstall"
-    """Remove one source from one kernel."""
-    REMOVE_SOURCE = "remove-source"
+_ADDED_COLUMNS = {
+    "options": "TEXT NOT NULL DEFAULT '{}'",
+    "after_jobs": "TEXT NOT NULL DEFAULT ''",
+}
+"""Columns newer than the first schema: added to a state.db made before them."""
 
 
 class JobState(StrEnum):
@@ -55,7 +51,7 @@ class Priority(IntEnum):
 @dataclass(frozen=True)
 class Job:
     id: int
-    kind: JobKind
+    kind: Verb
     kernel: str
     source: str
     priority: int
@@ -66,10 +62,18 @@ class Job:
     detail: str
     outcomes: str
     """JSON list of the outcomes, once finished."""
+    options: str = "{}"
+    """The request's options, as `Request.options_json` writes them."""
+    after: tuple[int, ...] = ()
+    """Jobs that must have finished before this one starts."""
 
     @property
     def active(self) -> bool:
         return self.state in (JobState.QUEUED, JobState.RUNNING)
+
+    @property
+    def request(self) -> Request:
+        return Request.from_row(self.kind.value, self.kernel, self.source, self.options)
 
 
 class JobQueue:
@@ -79,8 +83,13 @@ class JobQueue:
         path: Path = root.state_dir / "state.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, decl in _ADDED_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._db.close()
@@ -93,21 +102,36 @@ class JobQueue:
         )
         return self.active()
 
-    def enqueue(self, kind: JobKind, kernel: str, source: str = "", *, priority: int) -> Job:
-        """A new queued job, or the queued one it duplicates (its priority raised)."""
+    def enqueue(self, request: Request, *, priority: int, after: tuple[int, ...] = ()) -> Job:
+        """A new queued job, or the queued one doing the same (same verb, kernel and
+        source): merged with it (`Request.merged`), its priority raised."""
         row = self._db.execute(
-            "SELECT id FROM jobs WHERE kind = ? AND kernel = ? AND source = ? AND state = ?",
-            (kind.value, kernel, source, JobState.QUEUED.value),
+            "SELECT * FROM jobs WHERE kind = ? AND kernel = ? AND source = ? AND state = ?",
+            (request.verb.value, request.kernel, request.source, JobState.QUEUED.value),
         ).fetchone()
         if row:
+            held = _job(row)
+            merged = held.request.merged(request)
+            waits = sorted(set(held.after) | set(after))
             self._db.execute(
-                "UPDATE jobs SET priority = MIN(priority, ?) WHERE id = ?", (priority, row[0])
+                "UPDATE jobs SET priority = MIN(priority, ?), options = ?, after_jobs = ? "
+                "WHERE id = ?",
+                (priority, merged.options_json(), _ids(waits), held.id),
             )
-            return self.get(int(row[0]))
+            return self.get(held.id)
         cur = self._db.execute(
-            "INSERT INTO jobs (kind, kernel, source, priority, state, created) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (kind.value, kernel, source, priority, JobState.QUEUED.value, time.time()),
+            "INSERT INTO jobs (kind, kernel, source, priority, state, created, options, after_jobs)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                request.verb.value,
+                request.kernel,
+                request.source,
+                priority,
+                JobState.QUEUED.value,
+                time.time(),
+                request.options_json(),
+                _ids(after),
+            ),
         )
         assert cur.lastrowid is not None
         return self.get(cur.lastrowid)
@@ -137,13 +161,19 @@ class JobQueue:
         return [_job(r) for r in rows]
 
     def next_ready(self) -> Job | None:
-        """The most urgent queued job whose kernel has no job running."""
-        row = self._db.execute(
+        """The most urgent queued job whose kernel has no job running and whose `after`
+        jobs have all finished."""
+        rows = self._db.execute(
             "SELECT * FROM jobs j WHERE state = ? AND NOT EXISTS (SELECT 1 FROM jobs r "
-            "WHERE r.state = ? AND r.kernel = j.kernel) ORDER BY priority, id LIMIT 1",
+            "WHERE r.state = ? AND r.kernel = j.kernel) ORDER BY priority, id",
             (JobState.QUEUED.value, JobState.RUNNING.value),
-        ).fetchone()
-        return None if row is None else _job(row)
+        )
+        waiting = {j.id for j in self.active()}
+        for row in rows:
+            job = _job(row)
+            if not waiting.intersection(job.after):
+                return job
+        return None
 
     def start(self, job: Job) -> Job:
         self._db.execute(
@@ -168,30 +198,23 @@ class JobQueue:
         return self.get(job_id) if cur.rowcount else None
 
 
-def _job(row: tuple[object, ...]) -> Job:
-    (
-        job_id,
-        kind,
-        kernel,
-        source,
-        priority,
-        state,
-        created,
-        started,
-        finished,
-        detail,
-        outcomes,
-    ) = row
+def _ids(ids: tuple[int, ...] | list[int]) -> str:
+    return ",".join(str(i) for i in ids)
+
+
+def _job(row: sqlite3.Row) -> Job:
     return Job(
-        int(str(job_id)),
-        JobKind(str(kind)),
-        str(kernel),
-        str(source),
-        int(str(priority)),
-        JobState(str(state)),
-        float(str(created)),
-        None if started is None else float(str(started)),
-        None if finished is None else float(str(finished)),
-        str(detail),
-        str(outcomes),
+        int(row["id"]),
+        Verb(row["kind"]),
+        str(row["kernel"]),
+        str(row["source"]),
+        int(row["priority"]),
+        JobState(row["state"]),
+        float(row["created"]),
+        None if row["started"] is None else float(row["started"]),
+        None if row["finished"] is None else float(row["finished"]),
+        str(row["detail"]),
+        str(row["outcomes"]),
+        str(row["options"]),
+        tuple(int(i) for i in str(row["after_jobs"]).split(",") if i),
     )

@@ -5,7 +5,6 @@ the watcher) make. Knows nothing of transports; the edges subscribe to its event
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -13,14 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from kmodd import dkmsconf, kernel, manage, status
-from kmodd.autoinstall import Options, autoinstall
+from kmodd import kernel, manage, perform, status
 from kmodd.errors import KmoddError, NotFoundError
 from kmodd.outcome import Outcome
 from kmodd.paths import Root
-from kmodd.plan import Action, Decision, plan_kernel
-from kmodd.queue import Job, JobKind, JobQueue, JobState, Priority
-from kmodd.state import State
+from kmodd.plan import Decision, plan_for
+from kmodd.queue import Job, JobQueue, JobState, Priority
+from kmodd.request import ANY_KERNEL, Request, Verb
 from kmodd.store import Store
 
 log = structlog.get_logger(__name__)
@@ -83,34 +81,33 @@ class Service:
             return status.status(self.root, db, name=module or None, release=release or None)
 
     def plan(self, release: str) -> list[Decision]:
-        k = kernel.find(self.root, release)
-        with Store.open(self.root, readonly=True) as db:
-            return plan_kernel(self.root, db, k, dkmsconf.find_sources(self.root))
+        return plan_for(self.root, release)
+
+    def submit(self, request: Request) -> Job:
+        """Queue `request` (checked first: its kernel and source exist), after the
+        requests other kernels need before it (`perform.before`), each a job of its own
+        with its own priority."""
+        if request.verb in (Verb.AUTOINSTALL, Verb.INSTALL):
+            kernel.find(self.root, request.kernel)
+        if request.verb in (Verb.INSTALL, Verb.UNINSTALL):
+            manage.find_source(self.root, request.source)
+        first = [self._enqueue(r) for r in perform.before(self.root, request)]
+        return self._enqueue(request, after=tuple(j.id for j in first))
 
     def add_kernel(self, release: str) -> Job:
-        kernel.find(self.root, release)
-        return self._enqueue(JobKind.KERNEL, release)
+        return self.submit(Request(Verb.AUTOINSTALL, release))
 
     def remove_kernel(self, release: str) -> Job:
-        return self._enqueue(JobKind.REMOVE_KERNEL, release)
-
-    def build(self, source: str, release: str) -> Job:
-        kernel.find(self.root, release)
-        manage.find_source(self.root, source)
-        return self._enqueue(JobKind.SOURCE, release, source)
-
-    def uninstall(self, source: str, release: str) -> Job:
-        manage.find_source(self.root, source)
-        return self._enqueue(JobKind.UNINSTALL, release, source)
+        return self.submit(Request(Verb.REMOVE_KERNEL, release))
 
     def source_added(self, source: str) -> list[Job]:
         return [
-            self._enqueue(JobKind.SOURCE, release, source)
+            self.submit(Request(Verb.INSTALL, release, source))
             for release in kernel.installed_releases(self.root)
         ]
 
     def source_removed(self, source: str) -> Job:
-        return self._enqueue(JobKind.REMOVE_SOURCE, "*", source)
+        return self.submit(Request(Verb.FORGET_SOURCE, ANY_KERNEL, source))
 
     def cancel(self, job_id: int) -> Job | None:
         job = self.queue.cancel(job_id)
@@ -161,8 +158,9 @@ class Service:
 
     # scheduling ----------------------------------------------------------------------------
 
-    def _enqueue(self, kind: JobKind, release: str, source: str = "") -> Job:
-        job = self.queue.enqueue(kind, release, source, priority=self._priority(release))
+    def _enqueue(self, request: Request, after: tuple[int, ...] = ()) -> Job:
+        release = request.kernel
+        job = self.queue.enqueue(request, priority=self._priority(release), after=after)
         self._ready.setdefault(release, asyncio.Event()).clear()
         self._changed(job)
         self._wake.set()
@@ -203,8 +201,8 @@ class Service:
             state = JobState.FAILED if failed else JobState.DONE
             detail = f"{sum(o.failed for o in outcomes)} failed" if failed else "done"
             job = self.queue.finish(job, state, detail, doc)
-            for other in _taken_away(job, outcomes):
-                self._enqueue(JobKind.KERNEL, other)  # its own job, its own priority
+            for then in perform.after(job.request, outcomes):
+                self._enqueue(then)  # its own job, its own priority
         finally:
             self._running.pop(job.id, None)
             self._wake.set()
@@ -212,19 +210,7 @@ class Service:
         self._kernel_maybe_ready(job.kernel)
 
     def _execute(self, job: Job) -> list[Outcome]:
-        options = Options(jobs=self.build_jobs)
-        if job.kind is JobKind.KERNEL:
-            return autoinstall(self.root, job.kernel, options)
-        if job.kind is JobKind.SOURCE:
-            return autoinstall(
-                self.root, job.kernel, dataclasses.replace(options, only=frozenset({job.source}))
-            )
-        if job.kind is JobKind.REMOVE_KERNEL:
-            return manage.remove_kernel(self.root, job.kernel, options)
-        if job.kind is JobKind.UNINSTALL:
-            return manage.uninstall(self.root, job.source, job.kernel, options)
-        manage.forget_source(self.root, job.source)
-        return []
+        return perform.perform(self.root, job.request, self.build_jobs)
 
     # events --------------------------------------------------------------------------------
 
@@ -256,20 +242,6 @@ class Service:
             self._busy = busy
             for listener in self.on_busy:
                 listener(busy)
-
-
-def _taken_away(job: Job, outcomes: list[Outcome]) -> list[str]:
-    """Other kernels whose weak links `job` took away (the build they went to was
-    replaced by a newer version): each needs a verdict of its own."""
-    if job.kind not in (JobKind.KERNEL, JobKind.SOURCE):
-        return []  # uninstall and remove-kernel do the other kernels' work themselves
-    return sorted(
-        {
-            o.kernel
-            for o in outcomes
-            if o.kernel != job.kernel and o.action is Action.WEAK and o.state is State.ADDED
-        }
-    )
 
 
 def default_kernel(root: Root) -> str | None:

@@ -396,11 +396,15 @@ _CLIENT = """
 import json, sys
 from kmodd.dbus_api import Client
 from kmodd.errors import KmoddError
+from kmodd.request import Request, Verb
 client = Client.connect()
 if client is None:
     print(json.dumps({"connected": False})); sys.exit()
+args = json.loads(sys.argv[2])
+if sys.argv[1] == "submit":  # [verb, kernel, source]
+    args = [Request(Verb(args[0]), args[1], args[2])]
 try:
-    result = getattr(client, sys.argv[1])(*json.loads(sys.argv[2]))
+    result = getattr(client, sys.argv[1])(*args)
     print(json.dumps({"connected": True, "result": result}))
 except KmoddError as err:
     print(json.dumps({"connected": True, "error": type(err).__name__,

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kmodd import modfile
+from kmodd.dbus_api import Client
 from tests.conftest import K111, K113, install_headers, require_tool
 from tests.dbus_harness import Bus, running_service, system_bus
 from tests.sources import write_source
@@ -281,3 +282,85 @@ def test_kmodctl_uses_the_service_only_for_the_root_it_serves(tmp_path: Path, bu
             f"kmodctl: the kmodd service is not running for {other}; reading its state directly\n"
         )
         assert theirs.stdout == f"kmt-misc/1.0, {K113}, x86_64: added\n"
+
+
+def jobs_of(bus: Bus) -> list[dict[str, str]]:
+    """The service's recent jobs, as its Jobs call gives them."""
+    saved = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
+    try:
+        client = Client.connect()
+        assert client is not None, "the service is not on the bus"
+        with client:
+            return client.jobs()
+    finally:
+        if saved is None:
+            del os.environ["DBUS_SYSTEM_BUS_ADDRESS"]
+        else:
+            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = saved
+
+
+def test_a_request_keeps_its_options_through_the_service(tmp_path: Path, bus: Bus) -> None:
+    """The hooks' --no-initrd reaches the service's job (the package manager makes the
+    initrd next; kmodd must not make it too), and a job without it may remake it."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    write_source(root, "kmt-base")
+    with running_service(bus, root, tmp_path / "kmodd.log") as server:
+        hook = kmodctl(bus, root, "autoinstall", "-k", K113, "--no-initrd")
+        assert hook.returncode == 0, hook.stderr + server.output()
+        admin = kmodctl(bus, root, "uninstall", "-m", "kmt-base", "-k", K113)
+        assert admin.returncode == 0, admin.stderr + server.output()
+        jobs = {j["kind"]: j for j in jobs_of(bus)}
+    assert jobs["kernel"]["initrd"] == "no", jobs
+    assert jobs["uninstall"]["initrd"] == "yes", jobs
+
+
+def test_an_uninstall_leaves_other_kernels_work_to_their_own_jobs(tmp_path: Path, bus: Bus) -> None:
+    """K113 weak-links kmt-base from K111. Uninstalling it from K111 through the
+    service: K113 gets a job of its own first (never linking back to K111), its build
+    is in place before K111's goes, and the uninstall job itself touches K111 only."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111, K113))
+    write_source(root, "kmt-base")
+    with running_service(bus, root, tmp_path / "kmodd.log") as server:
+        for kver in (K111, K113):
+            done = kmodctl(bus, root, "autoinstall", "-k", kver)
+            assert done.returncode == 0, done.stdout + done.stderr + server.output()
+        assert states(bus, root)[("kmt-base", K113)] == "installed-weak"
+        gone = kmodctl(bus, root, "uninstall", "-m", "kmt-base", "-k", K111)
+        assert gone.returncode == 0, gone.stdout + gone.stderr + server.output()
+        assert f"kmodd: kmt-base/1.0 for {K113}: built" in gone.stdout, gone.stdout
+        assert states(bus, root) == {("kmt-base", K111): "added", ("kmt-base", K113): "installed"}
+        jobs = jobs_of(bus)
+    (uninstall,) = [j for j in jobs if j["kind"] == "uninstall"]
+    (relink,) = [j for j in jobs if j["kernel"] == K113 and j["kind"] == "source"]
+    assert uninstall["kernel"] == K111 and uninstall["after"] == relink["id"], jobs
+    assert relink["avoid"] == K111 and relink["state"] == "done", relink
+    assert json.loads(uninstall["outcomes"]) == [], "K113's link was gone before it ran"
+    link = root / "lib/modules" / K113 / "weak-updates"
+    assert not link.exists() or not any(link.rglob("*.ko*")), "no weak link is left"
+
+
+def test_a_kernels_removal_relinks_the_others_in_their_own_jobs_first(
+    tmp_path: Path, bus: Bus
+) -> None:
+    """What the prerm hook asks: K111 goes; K113, which weak-links into it, gets a
+    build in a K113 job before K111's files are removed, so no link ever dangles."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K111, K113))
+    write_source(root, "kmt-base")
+    with running_service(bus, root, tmp_path / "kmodd.log") as server:
+        for kver in (K111, K113):
+            done = kmodctl(bus, root, "autoinstall", "-k", kver)
+            assert done.returncode == 0, done.stdout + done.stderr + server.output()
+        hook = kmodctl(bus, root, "remove-kernel", K111, "--no-initrd")
+        assert hook.returncode == 0, hook.stdout + hook.stderr + server.output()
+        assert f"kmodd: kmt-base/1.0 for {K113}: built" in hook.stdout, hook.stdout
+        # K111's own files go with its package, after this hook: until then it is listed
+        assert states(bus, root) == {("kmt-base", K111): "added", ("kmt-base", K113): "installed"}
+        jobs = jobs_of(bus)
+    (removal,) = [j for j in jobs if j["kind"] == "remove-kernel"]
+    (relink,) = [j for j in jobs if j["kernel"] == K113 and j["kind"] == "source"]
+    assert removal["after"] == relink["id"] and relink["avoid"] == K111, jobs
+    assert not (root / "lib/modules" / K111 / "updates").exists()

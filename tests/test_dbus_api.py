@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sqlite3
 import time
 import types
@@ -25,6 +26,7 @@ from kmodd.dbus_api._common import _classes, disconnect, from_dbus_error, kmodd_
 from kmodd.dbus_api._inhibit import Inhibitor
 from kmodd.errors import AccessDeniedError, BadInputError, KmoddError, NotFoundError, UsageError
 from kmodd.paths import Root
+from kmodd.request import Request, Verb
 from tests.conftest import K113, require_tool
 from tests.dbus_harness import (
     Bus,
@@ -99,10 +101,7 @@ def test_the_interface_is_what_kmodctl_is_written_against(served: Served) -> Non
     assert methods == {
         "Status": ("ss", "aa{ss}"),
         "Plan": ("s", "aa{ss}"),
-        "AddKernel": ("s", "t"),
-        "RemoveKernel": ("s", "t"),
-        "Build": ("ss", "t"),
-        "Uninstall": ("ss", "t"),
+        "Submit": ("a{sv}", "t"),
         "Cancel": ("t", "b"),
         "Wait": ("sd", "baa{ss}"),
         "GetLog": ("t", "s"),
@@ -151,10 +150,10 @@ def test_status_answers_root_and_everyone_else(served: Served, client: Client) -
 
 def test_only_root_may_change_the_system(served: Served, client: Client) -> None:
     for name, args in (
-        ("add_kernel", [K113]),
-        ("build", ["kmt-base", K113]),
-        ("uninstall", ["kmt-base", K113]),
-        ("remove_kernel", [K113]),
+        ("submit", ["kernel", K113, ""]),
+        ("submit", ["source", K113, "kmt-base"]),
+        ("submit", ["uninstall", K113, "kmt-base"]),
+        ("submit", ["remove-kernel", K113, ""]),
         ("cancel", [1]),
     ):
         answer = served.other.call(served.bus, name, *args)
@@ -167,7 +166,7 @@ def test_only_root_may_change_the_system(served: Served, client: Client) -> None
 
 def test_add_kernel_builds_signals_and_holds_off_shutdown(served: Served, client: Client) -> None:
     seen: list[dict[str, str]] = []
-    job = client.add_kernel(K113)
+    job = client.submit(Request(Verb.AUTOINSTALL, K113))
     done, jobs = client.wait(K113, BUILD_TIMEOUT, seen.append)
     assert done, served.server.output()
     (mine,) = [j for j in jobs if j["id"] == str(job)]
@@ -201,7 +200,7 @@ def test_add_kernel_builds_signals_and_holds_off_shutdown(served: Served, client
 
 def test_build_by_root(served: Served, client: Client) -> None:
     before = len(served.logind.calls)
-    job = client.build("kmt-base", K113)
+    job = client.submit(Request(Verb.INSTALL, K113, "kmt-base"))
     done, jobs = client.wait(K113, BUILD_TIMEOUT)
     assert done
     (mine,) = [j for j in jobs if j["id"] == str(job)]
@@ -215,7 +214,7 @@ def test_build_by_root(served: Served, client: Client) -> None:
 
 def test_unknown_kernel_is_not_found_in_one_line(served: Served, client: Client) -> None:
     for ask in (
-        lambda: client.add_kernel("9.9.9-nope"),
+        lambda: client.submit(Request(Verb.AUTOINSTALL, "9.9.9-nope")),
         lambda: client.status("", "9.9.9-nope"),
         lambda: client.plan("9.9.9-nope"),
         lambda: client.log(987654),
@@ -226,7 +225,25 @@ def test_unknown_kernel_is_not_found_in_one_line(served: Served, client: Client)
         assert caught.value.dbus_name == "io.kmodd1.Error.NotFound"
         assert "\n" not in text and "Traceback" not in text, text
     with pytest.raises(UsageError, match="is not a kernel release"):
-        client.add_kernel("../../etc")
+        client.submit(Request(Verb.AUTOINSTALL, "../../etc"))
+    # the service checks what it is sent, not only kmodctl: each one line, named
+    queued = client.jobs()
+    for wire, says in (
+        ({"verb": ("s", "kernel"), "kernel": ("s", "../../etc")}, "is not a kernel release"),
+        ({"verb": ("s", "kernel"), "kernel": ("s", "x" * 2_000_000)}, "is not a kernel release"),
+        ({"verb": ("s", "kernel"), "kernel": ("u", 7)}, "kernel must be of type s"),
+        ({"verb": ("s", "reboot"), "kernel": ("s", K113)}, "unknown verb 'reboot'"),
+        ({"kernel": ("s", K113)}, "needs 'verb'"),
+        ({"verb": ("s", "kernel"), "kernel": ("s", K113), "force": ("b", True)}, "unknown"),
+        ({"verb": ("s", "kernel"), "kernel": ("s", K113), "source": ("s", "x")}, "takes no"),
+        ({"verb": ("s", "source"), "kernel": ("s", K113)}, "is not a module source"),
+    ):
+        raw = {key: Variant(sig, value) for key, (sig, value) in wire.items()}
+        with pytest.raises(UsageError, match=re.escape(says)) as refused:
+            client._call("Submit", "a{sv}", raw)
+        assert refused.value.dbus_name == "io.kmodd1.Error.InvalidArgs"
+        assert len(str(refused.value)) < 300, str(refused.value)[:300]
+    assert client.jobs() == queued
     with pytest.raises(UsageError, match="timeout"):
         client._call("Wait", "sd", K113, float("nan"))
     assert "Traceback" not in served.server.output()  # nor in kmodd's log
@@ -322,9 +339,9 @@ def test_the_lock_is_skipped_without_logind(
         client = Client.connect()
         assert client is not None
         try:
-            client.add_kernel(K113)
+            client.submit(Request(Verb.AUTOINSTALL, K113))
             assert client.wait(K113, BUILD_TIMEOUT)[0]
-            client.build("kmt-base", K113)
+            client.submit(Request(Verb.INSTALL, K113, "kmt-base"))
             assert client.wait(K113, BUILD_TIMEOUT)[0]
         finally:
             client.close()

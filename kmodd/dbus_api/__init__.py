@@ -3,15 +3,17 @@
 Name `io.kmodd1`, object `/io/kmodd1`, interface `io.kmodd1.Manager`:
 
     Status(s module, s kernel) -> aa{ss}       Plan(s kernel) -> aa{ss}
-    AddKernel(s kernel) -> t                   RemoveKernel(s kernel) -> t
-    Build(s module, s kernel) -> t             Cancel(t job) -> b
+    Submit(a{sv} request) -> t                 Cancel(t job) -> b
     Wait(s kernel, d timeout) -> (b, aa{ss})   GetLog(t job) -> s
     Jobs() -> aa{ss}
     signal JobChanged(a{ss} job)               signal KernelReady(s kernel, b ok)
-    property Version s                         property QueueLength u
+    property Version s     property QueueLength u     property Root s
 
-"" stands for "none" in arguments and dicts. AddKernel, RemoveKernel, Build and Cancel
-need uid 0 (io.kmodd1.Error.AccessDenied otherwise). Errors are named after the
+A request (kmodd.request.Request) is typed: `verb` s (kernel, source, uninstall,
+remove-kernel, remove-source), `kernel` s, `source` s (NAME[/VERSION]), `initrd` b,
+`avoid` as; an unknown key or a wrong type is io.kmodd1.Error.InvalidArgs. "" stands for
+"none" in arguments and dicts. Submit and Cancel need uid 0
+(io.kmodd1.Error.AccessDenied otherwise). Errors are named after the
 KmoddError classes (`dbus_name`); anything else is io.kmodd1.Error.Failed.
 """
 

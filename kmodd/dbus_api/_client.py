@@ -16,6 +16,7 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageType
 from dbus_next.errors import AuthError, DBusError, InvalidAddressError
 from dbus_next.message import Message
+from dbus_next.signature import Variant
 
 from kmodd.dbus_api._common import (
     BUS_NAME,
@@ -26,6 +27,7 @@ from kmodd.dbus_api._common import (
     from_dbus_error,
 )
 from kmodd.errors import KmoddError, UsageError
+from kmodd.request import Request
 
 T = TypeVar("T")
 JobCallback = Callable[[dict[str, str]], None]
@@ -78,17 +80,10 @@ class Client:
     def plan(self, kernel: str) -> list[dict[str, str]]:
         return self._call("Plan", "s", kernel)  # type: ignore[no-any-return]
 
-    def add_kernel(self, kernel: str) -> int:
-        return int(self._call("AddKernel", "s", kernel))
-
-    def remove_kernel(self, kernel: str) -> int:
-        return int(self._call("RemoveKernel", "s", kernel))
-
-    def build(self, module: str, kernel: str) -> int:
-        return int(self._call("Build", "ss", module, kernel))
-
-    def uninstall(self, module: str, kernel: str) -> int:
-        return int(self._call("Uninstall", "ss", module, kernel))
+    def submit(self, request: Request) -> int:
+        """Queue `request`; the job's id."""
+        wire = {key: Variant(sig, value) for key, (sig, value) in request.to_wire().items()}
+        return int(self._call("Submit", "a{sv}", wire))
 
     def cancel(self, job: int) -> bool:
         return bool(self._call("Cancel", "t", job))

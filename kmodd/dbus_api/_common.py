@@ -56,6 +56,9 @@ def job_dict(job: Job) -> dict[str, str]:
         "state": job.state.value,
         "detail": job.detail,
         "outcomes": job.outcomes,
+        "after": ",".join(str(i) for i in job.after),
+        "initrd": "yes" if job.request.initrd else "no",
+        "avoid": ",".join(sorted(job.request.avoid)),
     }
 
 

@@ -5,7 +5,7 @@ Every method call is answered by one message handler (returning True from a dbus
 message handler stops dbus-next's own dispatch), because dbus-next's dispatch neither
 tells a method who called it nor stays quiet about errors (each error reply is also
 logged with a traceback). The handler asks the bus for the caller's uid before a
-changing call (AddKernel, RemoveKernel, Build, Cancel: uid 0 only; reads are open to
+changing call (Submit, Cancel: uid 0 only; reads are open to
 everyone), and turns every error into a named D-Bus error of one line. The entries
 dbus-next holds for the methods only describe them (introspection) and refuse;
 properties and signals are dbus-next's own.
@@ -29,7 +29,7 @@ from dbus_next.constants import BusType, MessageFlag, MessageType, NameFlag, Req
 from dbus_next.errors import AuthError, DBusError, InvalidAddressError
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
-from dbus_next.signature import SignatureTree
+from dbus_next.signature import SignatureTree, Variant
 
 from kmodd import __version__
 from kmodd.dbus_api._common import (
@@ -50,6 +50,7 @@ from kmodd.dbus_api._common import (
 )
 from kmodd.dbus_api._inhibit import Inhibitor
 from kmodd.errors import AccessDeniedError, KmoddError, UsageError
+from kmodd.request import Request, check_release
 
 if TYPE_CHECKING:
     from kmodd.queue import Job
@@ -107,9 +108,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def _release_arg(kernel: str) -> str:
-    if not kernel or "/" in kernel or kernel in (".", ".."):
-        raise UsageError(f"{kernel!r} is not a kernel release")
-    return kernel
+    return check_release(kernel)
 
 
 class Manager(ServiceInterface):
@@ -148,25 +147,11 @@ class Manager(ServiceInterface):
 
     # changes: root only --------------------------------------------------------------------
 
-    @call("t", root_only=True, kernel="s")
-    def AddKernel(self, kernel: str) -> int:
-        return self._service.add_kernel(_release_arg(kernel)).id
-
-    @call("t", root_only=True, kernel="s")
-    def RemoveKernel(self, kernel: str) -> int:
-        return self._service.remove_kernel(_release_arg(kernel)).id
-
-    @call("t", root_only=True, module="s", kernel="s")
-    def Build(self, module: str, kernel: str) -> int:
-        if not module:
-            raise UsageError("a module source name is needed")
-        return self._service.build(module, _release_arg(kernel)).id
-
-    @call("t", root_only=True, module="s", kernel="s")
-    def Uninstall(self, module: str, kernel: str) -> int:
-        if not module:
-            raise UsageError("a module source name is needed")
-        return self._service.uninstall(module, _release_arg(kernel)).id
+    @call("t", root_only=True, request="a{sv}")
+    def Submit(self, request: dict[str, Variant]) -> int:
+        """Queue a Request (`verb`, `kernel`, `source`, `initrd`, `avoid`); the job's id."""
+        typed = {key: (value.signature, value.value) for key, value in request.items()}
+        return self._service.submit(Request.from_wire(typed)).id
 
     @call("b", root_only=True, job="t")
     def Cancel(self, job: int) -> bool:
