@@ -118,23 +118,11 @@ class _Run:
         if self.changed:
             install.depmod(self.root, self.k.release)
             if self.remake_initrd and self.options.initrd:
-                self._remake_initrd()
+                initrd.remake(self.root, self.db, self.k.release)
             self._pending.unlink(missing_ok=True)
         if self.installed_now and self.k.release == os.uname().release:
             devices.load_for_present_devices(self.root, self.installed_now)
         return self.outcomes
-
-    def _remake_initrd(self) -> None:
-        """Remake the initrd, then check that it holds what it should; a failure to
-        remake or to list is said (log, status) but stops nothing."""
-        release = self.k.release
-        try:
-            image = initrd.regenerate(self.root, release)
-            check = None if image is None else initrd.verify(self.root, self.db, release, image)
-            if check is not None and check.missing:
-                log.warning("initrd lacks modules", kver=release, missing=list(check.missing))
-        except KmoddError as err:
-            log.warning("initrd not remade or not checked", kver=release, problem=str(err))
 
     # one decision at a time -------------------------------------------------------------
 

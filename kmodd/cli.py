@@ -17,6 +17,7 @@ from kmodd import (
     __version__,
     check,
     dbus_api,
+    devices,
     initrd,
     kernel,
     log,
@@ -243,6 +244,21 @@ def _initrd_check(args: argparse.Namespace, root: Root) -> int:
     return 0
 
 
+def _drivers(args: argparse.Namespace, root: Root) -> int:
+    """The present devices that kmodd's modules for KVER claim, and what modprobe
+    would load for each (blacklists honoured)."""
+    release = _kernel_or_running(args)
+    with Store.open(root, readonly=True) as db:
+        files = [root.path(f) for r in db.records(kernel=release) for f in r.files]
+    found = devices.drivers_for_present_devices(root, release, files)
+    for alias, modules in found.items():
+        print(f"{alias}: {' '.join(modules) or '(none: blacklisted, or loaded already)'}")
+    if not found:
+        print(f"kmodctl: no present device wants a module kmodd installed for {release}",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _plan(args: argparse.Namespace, root: Root) -> int:
     release = _kernel_or_running(args)
     client = _service(root)
@@ -384,6 +400,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--kernel", required=True, metavar="KVER")
     p.add_argument("--image", metavar="PATH", help="the image (default: KVER's in /boot)")
     p.set_defaults(func=_initrd_check)
+
+    p = sub.add_parser(
+        "drivers",
+        help="which present devices want kmodd's modules for KVER, and what would load",
+        description="For each present device (udev) whose modalias one of the modules "
+        "kmodd installed for KVER claims: the modules `modprobe -b` would load for it, "
+        "blacklists in the root's /etc/modprobe.d honoured. kmodd loads them by "
+        "modalias this way after installing for the running kernel.",
+    )
+    p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
+    p.set_defaults(func=_drivers)
 
     p = sub.add_parser("wait", help="block until a kernel's modules are in place")
     p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import structlog
 
 from kmodd import modfile
-from kmodd.errors import NotFoundError
+from kmodd.errors import KmoddError, NotFoundError
 from kmodd.paths import Root
 from kmodd.plan import files_present
 from kmodd.run import run
@@ -105,6 +105,18 @@ def regenerate(root: Root, kernel: str) -> Path | None:
     log.info("regenerating initrd", kver=kernel, generator=gen.name, initrd=os.fspath(image))
     run(argv, timeout=_REMAKE_TIMEOUT)
     return image
+
+
+def remake(root: Root, db: Store, kernel: str) -> None:
+    """Remake `kernel`'s initrd (if it has one), then check that it holds what it
+    should; a failure to remake or to list is said (log, status) but stops nothing."""
+    try:
+        image = regenerate(root, kernel)
+        check = None if image is None else verify(root, db, kernel, image)
+        if check is not None and check.missing:
+            log.warning("initrd lacks modules", kver=kernel, missing=list(check.missing))
+    except KmoddError as err:
+        log.warning("initrd not remade or not checked", kver=kernel, problem=str(err))
 
 
 # what belongs in the initrd ------------------------------------------------------------

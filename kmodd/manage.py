@@ -8,7 +8,7 @@ import os
 
 import structlog
 
-from kmodd import builder, config, dkms_compat, dkmsconf, install, kernel, plan, store
+from kmodd import builder, config, dkms_compat, dkmsconf, initrd, install, kernel, plan, store
 from kmodd.autoinstall import Options, autoinstall
 from kmodd.dkmsconf import SourceDir
 from kmodd.errors import BuildError, KmoddError, NotFoundError, UsageError
@@ -101,11 +101,12 @@ def weak_dependants(root: Root, release: str, name: str | None = None) -> dict[s
     return {k: sorted(v) for k, v in sorted(found.items())}
 
 
-def uninstall(root: Root, spec: str, release: str) -> list[Outcome]:
-    """Remove NAME from KVER. Weak links other kernels still have to its build are
-    taken away with it (never left dangling), each an outcome of its own: those
-    kernels need a verdict again (`weak_dependants` named them beforehand, so their
-    own requests normally relinked them first)."""
+def uninstall(root: Root, spec: str, release: str, *, remake_initrd: bool = True) -> list[Outcome]:
+    """Remove NAME from KVER, and from its initrd when it belongs there (unless told
+    not to remake it). Weak links other kernels still have to its build are taken away
+    with it (never left dangling), each an outcome of its own: those kernels need a
+    verdict again (`weak_dependants` named them beforehand, so their own requests
+    normally relinked them first)."""
     source = find_source(root, spec)
     with store.lock(root), Store.open(root) as db:
         record = db.record(source.name, source.version, release)
@@ -124,7 +125,9 @@ def uninstall(root: Root, spec: str, release: str) -> list[Outcome]:
         )
         why = f"its weak link went to {source.name}'s build for {release}, now uninstalled"
         outcomes = _take_away(root, db, db.records(name=source.name), release, why)
-    install.depmod(root, release)
+        install.depmod(root, release)
+        if record.remake_initrd and remake_initrd:
+            initrd.remake(root, db, release)
     _post_remove(root, source, release)
     return outcomes
 

@@ -46,7 +46,7 @@ def perform(root: Root, request: Request, jobs: int) -> list[Outcome]:
     if request.verb is Verb.INSTALL:
         return manage.install_source(root, request.source, request.kernel, options)
     if request.verb is Verb.UNINSTALL:
-        return manage.uninstall(root, request.source, request.kernel)
+        return manage.uninstall(root, request.source, request.kernel, remake_initrd=request.initrd)
     if request.verb is Verb.REMOVE_KERNEL:
         return manage.remove_kernel(root, request.kernel)
     manage.forget_source(root, request.source)

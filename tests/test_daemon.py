@@ -309,8 +309,12 @@ def test_a_request_keeps_its_options_through_the_service(tmp_path: Path, bus: Bu
     with running_service(bus, root, tmp_path / "kmodd.log") as server:
         hook = kmodctl(bus, root, "autoinstall", "-k", K113, "--no-initrd")
         assert hook.returncode == 0, hook.stderr + server.output()
+        assert "not running" not in hook.stderr, "the request must go through the service"
+        calls = root / "initrd-calls"  # what the root's update-initramfs was asked
+        assert not calls.exists(), calls.read_text()
         admin = kmodctl(bus, root, "uninstall", "-m", "kmt-base", "-k", K113)
         assert admin.returncode == 0, admin.stderr + server.output()
+        assert K113 in calls.read_text(), "a REMAKE_INITRD module went: the initrd is remade"
         jobs = {j["kind"]: j for j in jobs_of(bus)}
     assert jobs["kernel"]["initrd"] == "no", jobs
     assert jobs["uninstall"]["initrd"] == "yes", jobs

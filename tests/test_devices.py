@@ -8,7 +8,9 @@ from pathlib import Path
 
 from kmodd import devices, modfile
 from kmodd.paths import Root
-from tests.conftest import K113, require
+from tests.conftest import K113, require, require_tool
+from tests.sources import write_source
+from tests.test_autoinstall import kmodctl, make_system
 
 
 def test_a_device_wants_the_driver_whose_alias_matches() -> None:
@@ -19,8 +21,8 @@ def test_a_device_wants_the_driver_whose_alias_matches() -> None:
     info = modfile.read(e1000[0])
     assert "pci:v00008086d0000100Esv*sd*bc*sc*i*" in info.aliases
     present = ["pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00", "acpi:LNXSYSTM:"]
-    assert devices.wanted([info], present) == ["e1000"]
-    assert devices.wanted([info], ["pci:v000010ECd00008139sv0sd0bc02sc00i00"]) == []
+    assert devices.wanted_aliases([info], present) == [present[0]]
+    assert devices.wanted_aliases([info], ["pci:v000010ECd00008139sv0sd0bc02sc00i00"]) == []
 
 
 def test_udev_lists_the_present_devices_as_sysfs_does() -> None:
@@ -41,3 +43,34 @@ def test_loaded_modules_are_seen_in_sysfs_only_inside_the_root(tmp_path: Path) -
     assert devices.is_loaded(Root.at(tmp_path), "kmt-simple")
     assert not devices.is_loaded(Root.at(tmp_path), "kmt_misc")
     assert devices.load_for_present_devices(Root.at(tmp_path), []) == []
+
+
+def test_a_present_device_gets_the_driver_unless_it_is_blacklisted(tmp_path: Path) -> None:
+    """A source whose module claims a device of this machine (its exact modalias):
+    after the build, real modprobe, resolving through the root's own modules.alias
+    as kmodd asks it to (`-b`, by modalias), would load it for that device; once the
+    root's /etc/modprobe.d blacklists it, it would not (loading by name, as kmodd did
+    before, ignores blacklists)."""
+    require_tool("make")
+    require_tool("modprobe")
+    present = sorted(devices.present_modaliases())
+    require("a device with a modalias on this machine", bool(present))
+    device = next((a for a in present if a.startswith("pci:")), present[0])
+    root = make_system(tmp_path / "root", (K113,))
+    src = write_source(root, "kmt-dev", modules=("kmt_simple",), extra='AUTOINSTALL="yes"\n')
+    with (src / "kmt_simple.c").open("a") as c:
+        c.write(f'MODULE_ALIAS("{device}");\n')
+
+    built = kmodctl(root, "autoinstall", "-k", K113, "--no-initrd")
+    assert built.stdout.splitlines() == [f"kmodd: kmt-dev/1.0 for {K113}: built"], built.stderr
+    wanted = kmodctl(root, "drivers", "-k", K113)
+    assert wanted.returncode == 0, wanted.stderr
+    assert wanted.stdout.splitlines() == [f"{device}: kmt_simple"]
+
+    blacklist = root / "etc/modprobe.d/kmt.conf"
+    blacklist.parent.mkdir(parents=True)
+    blacklist.write_text("blacklist kmt_simple\n")
+    refused = kmodctl(root, "drivers", "-k", K113)
+    assert refused.stdout.splitlines() == [f"{device}: (none: blacklisted, or loaded already)"], (
+        refused.stderr
+    )
