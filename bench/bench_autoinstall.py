@@ -94,7 +94,7 @@ def kmodd(root: Path, kver: str) -> float:
         [
             sys.executable,
             "-m",
-            "kmodd.cli",
+            "kmodd.edges.cli",
             "--root",
             os.fspath(root),
             "autoinstall",

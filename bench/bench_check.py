@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kmodd import compat, kernel, modfile, symvers
-from kmodd.compression import read_bytes
-from kmodd.paths import Root
+from kmodd.base.paths import Root
+from kmodd.decide import verdict
+from kmodd.world import kernel, modfile, symvers
+from kmodd.world.compression import read_bytes
 
 RUNS = 7
 
@@ -64,18 +65,18 @@ def main() -> None:
     paths = random.Random(0).sample(every, min(args.count, len(every)))
     raw_modules = [read_bytes(p) for p in paths]
     size = sum(len(d) for d in raw_modules) / len(paths) / 1024
-    target = compat.Target(args.target, exports, target_kernel.vermagic_flags, target_kernel.arch)
+    target = verdict.Target(args.target, exports, target_kernel.vermagic_flags, target_kernel.arch)
 
     def judge_from_files() -> object:
-        return compat.judge(modfile.read_many(paths), target)
+        return verdict.judge(modfile.read_many(paths), target)
 
     def judge_from_bytes() -> object:
-        return compat.judge(
+        return verdict.judge(
             [modfile.parse(p, d) for p, d in zip(paths, raw_modules, strict=True)], target
         )
 
     infos = [modfile.parse(p, d) for p, d in zip(paths, raw_modules, strict=True)]
-    verdicts = compat.judge(infos, target)
+    verdicts = verdict.judge(infos, target)
     reusable = sum(v.reusable for v in verdicts)
     print(
         f"{len(paths)} in-tree modules of {args.source} ({size:.0f} KiB each uncompressed) "
@@ -84,7 +85,7 @@ def main() -> None:
     print(f"  read .ko.xz + parse + judge   {median_ms(judge_from_files):7.1f} ms")
     print(f"  parse + judge (uncompressed)  {median_ms(judge_from_bytes):7.1f} ms")
     print(
-        f"  judge only (parsed)           {median_ms(lambda: compat.judge(infos, target)):7.1f} ms"
+        f"  judge only (parsed)           {median_ms(lambda: verdict.judge(infos, target)):7.1f} ms"
     )
     cold = median_ms(lambda: symvers.load(symvers_path)) + median_ms(judge_from_files)
     print(f"  symvers + 100 modules, cold   {cold:7.1f} ms")

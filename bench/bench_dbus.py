@@ -2,7 +2,7 @@
 
     python bench/bench_dbus.py [--calls N] [--idle SECONDS] [--harness]
 
-A real dbus-daemon (tests/dbus_harness.py) and the service (`python -m kmodd.daemon`, or
+A real dbus-daemon (tests/dbus_harness.py) and the service (`python -m kmodd.edges.daemon`, or
 with --harness the watcher-less Service + serve()) for a temporary root holding
 6.12.113's headers, 200 tracked builds in the store and a source whose PRE_BUILD hook
 sleeps, so a build is running while `Status` is timed (N calls from one client
@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from kmodd.dbus_api import Client
-from kmodd.paths import Root
-from kmodd.request import Request, Verb
-from kmodd.state import State
-from kmodd.store import Record, Store
+from kmodd.act.request import Request, Verb
+from kmodd.base.paths import Root
+from kmodd.edges.dbus import Client
+from kmodd.state.states import State
+from kmodd.state.store import Record, Store
 from tests.conftest import K113
 from tests.dbus_harness import FakeLogind, running_service, system_bus
 from tests.sources import write_source

@@ -3,7 +3,7 @@ system policy plus kmodd's own `systemd/io.kmodd1.conf`, a stand-in logind, the 
 service as a separate process, clients as another uid, and a signal recorder.
 
 `python -m tests.dbus_harness serve ROOT` is the service without the file watcher:
-Service + dbus_api.serve() over $DBUS_SYSTEM_BUS_ADDRESS.
+Service + dbus.serve() over $DBUS_SYSTEM_BUS_ADDRESS.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from dbus_next.constants import MessageType, NameFlag, RequestNameReply
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
 
-from kmodd.dbus_api import BUS_NAME, INTERFACE, OBJECT_PATH, Client
-from kmodd.dbus_api._common import disconnect, method
+from kmodd.edges.dbus import BUS_NAME, INTERFACE, OBJECT_PATH, Client
+from kmodd.edges.dbus._common import disconnect, method
 from tests.conftest import require, require_tool
 
 TOP = Path(__file__).resolve().parent.parent
@@ -331,9 +331,9 @@ class Server:
 
 
 def server_argv(root: Path, *, daemon: bool) -> list[str]:
-    """`kmodd.daemon` (with its file watcher), or this module's watcher-less service."""
+    """`kmodd.edges.daemon` (with its file watcher), or this module's watcher-less service."""
     if daemon:
-        return [sys.executable, "-m", "kmodd.daemon", "--root", os.fspath(root)]
+        return [sys.executable, "-m", "kmodd.edges.daemon", "--root", os.fspath(root)]
     return [sys.executable, "-m", "tests.dbus_harness", "serve", os.fspath(root)]
 
 
@@ -394,9 +394,9 @@ def _bus_address(address: str) -> Iterator[None]:
 # Run as another uid: one Client call, its result or its error as JSON on stdout.
 _CLIENT = """
 import json, sys
-from kmodd.dbus_api import Client
-from kmodd.errors import KmoddError
-from kmodd.request import Request, Verb
+from kmodd.edges.dbus import Client
+from kmodd.base.errors import KmoddError
+from kmodd.act.request import Request, Verb
 client = Client.connect()
 if client is None:
     print(json.dumps({"connected": False})); sys.exit()
@@ -413,9 +413,9 @@ except KmoddError as err:
 
 _SERVE_AS = """
 import asyncio, json, sys, types
-from kmodd import log
-from kmodd.dbus_api import serve
-from kmodd.errors import KmoddError
+from kmodd.base import log
+from kmodd.edges.dbus import serve
+from kmodd.base.errors import KmoddError
 log.configure()
 async def main():
     # serve() only subscribes to the service's events before it claims the name
@@ -488,7 +488,7 @@ def as_other_user(uid: int = NOBODY) -> Iterator[OtherUser]:
         problems = []
         for candidate in candidates:
             probe = subprocess.run(
-                [*candidate.argv, "-c", "import kmodd.dbus_api"],
+                [*candidate.argv, "-c", "import kmodd.edges.dbus"],
                 env=candidate.env,
                 cwd="/",
                 capture_output=True,
@@ -508,10 +508,11 @@ def as_other_user(uid: int = NOBODY) -> Iterator[OtherUser]:
 
 
 async def _serve(root: str) -> None:
-    from kmodd import dbus_api, store
-    from kmodd import log as kmodd_log
-    from kmodd.paths import Root
-    from kmodd.service import Service
+    from kmodd.base import log as kmodd_log
+    from kmodd.base.paths import Root
+    from kmodd.edges import dbus
+    from kmodd.service.core import Service
+    from kmodd.state import store
 
     kmodd_log.configure(level=logging.INFO)
     loop = asyncio.get_running_loop()
@@ -521,7 +522,7 @@ async def _serve(root: str) -> None:
     at = Root.at(root)
     with store.lock(at, wait=False):
         service = Service(at, concurrency=1)
-        served = await dbus_api.serve(service)
+        served = await dbus.serve(service)
         await service.start()
         await stop.wait()
         await service.stop()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import manage, modfile
-from kmodd.paths import Root
+from kmodd.act import manage
+from kmodd.base.paths import Root
+from kmodd.world import modfile
 from tests.conftest import K56, K111, K113, install_headers, require_tool
 from tests.debs import unpack_dkms_package
 from tests.sources import write_source
@@ -26,7 +27,7 @@ BUSYBOX = Path("/bin/busybox")
 
 def kmodctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root), *args],
+        [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root), *args],
         capture_output=True,
         text=True,
         check=False,

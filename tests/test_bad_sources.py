@@ -109,7 +109,16 @@ def test_build_depends_cycles_fail_their_members_named_and_the_rest_go_on(
         )
     write_source(root, "kmt-free", modules=SIMPLE, extra="AUTOINSTALL=yes\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root), "autoinstall", "-k", K113],
+        [
+            sys.executable,
+            "-m",
+            "kmodd.edges.cli",
+            "--root",
+            os.fspath(root),
+            "autoinstall",
+            "-k",
+            K113,
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -20,7 +20,7 @@ def kmodctl(*args: str | Path, root: Path | None = None) -> subprocess.Completed
     if root is not None:
         env["KMODD_ROOT"] = os.fspath(root)
     return subprocess.run(
-        [sys.executable, "-m", "kmodd.cli", *(os.fspath(a) for a in args)],
+        [sys.executable, "-m", "kmodd.edges.cli", *(os.fspath(a) for a in args)],
         capture_output=True,
         text=True,
         env=env,

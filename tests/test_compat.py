@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import compat, kernel, modfile, symvers
-from kmodd.paths import Root
+from kmodd.base.paths import Root
+from kmodd.decide import verdict
+from kmodd.world import kernel, modfile, symvers
 from tests.conftest import K47, K56, K111, K113, host_headers, require, require_tool
 from tests.oracles import qemu
 
@@ -31,10 +32,10 @@ LOAD_ORDER = [
 _DEPMOD = re.compile(r"WARNING: (\S+) (disagrees about version of|needs unknown) symbol (\S+)")
 
 
-def judge(root: Path, kver: str, kos: list[Path]) -> dict[str, compat.Verdict]:
+def judge(root: Path, kver: str, kos: list[Path]) -> dict[str, verdict.Verdict]:
     k = kernel.find(Root.at(root), kver)
-    target = compat.Target(kver, k.exports(), k.vermagic_flags, k.arch)
-    return {v.module.name: v for v in compat.judge([modfile.read(p) for p in kos], target)}
+    target = verdict.Target(kver, k.exports(), k.vermagic_flags, k.arch)
+    return {v.module.name: v for v in verdict.judge([modfile.read(p) for p in kos], target)}
 
 
 def depmod_findings(root: Path, kver: str, kos: list[Path]) -> dict[str, dict[str, set[str]]]:
@@ -145,16 +146,16 @@ def test_the_kernel_loads_exactly_what_was_judged_reusable(
         assert by_file["kmt_nover"].problems == ("built without modversions: never reused",)
         kos = doctored + kos
     results = qemu.boot_and_insmod(vmlinuz, kos, tmp_path / "qemu")
-    for stem, verdict in by_file.items():
+    for stem, v in by_file.items():
         result = results[stem]
-        assert result.loaded == verdict.reusable, (stem, verdict.reasons, result)
+        assert result.loaded == v.reusable, (stem, v.reasons, result)
         # every symbol the kernel complains about is one the verdict names as changed
-        name = verdict.module.name
+        name = v.module.name
         complained = set(
             re.findall(rf"{name}: disagrees about version of symbol (\S+)", result.message)
         )
-        assert complained <= {c.symbol for c in verdict.changed}, (stem, result.message)
-        assert bool(complained) == bool(verdict.changed), (stem, result.message)
+        assert complained <= {c.symbol for c in v.changed}, (stem, result.message)
+        assert bool(complained) == bool(v.changed), (stem, result.message)
 
 
 def test_namespaces_are_compared_not_only_crcs(make_root: Callable[..., Path]) -> None:
@@ -173,14 +174,14 @@ def test_namespaces_are_compared_not_only_crcs(make_root: Callable[..., Path]) -
     assert real.import_ns == frozenset(listed) == {"USB_STORAGE"}
 
     k = kernel.find(Root.at(make_root(K111)), K111)
-    target = compat.Target(K111, k.exports(), k.vermagic_flags, k.arch)
+    target = verdict.Target(K111, k.exports(), k.vermagic_flags, k.arch)
     assert k.exports().namespaces["usb_stor_disconnect"] == "USB_STORAGE"
-    (verdict,) = compat.judge([real], target)
-    assert verdict.reusable, verdict.reasons
+    (found,) = verdict.judge([real], target)
+    assert found.reusable, found.reasons
 
-    (verdict,) = compat.judge([dataclasses.replace(real, import_ns=frozenset())], target)
-    assert not verdict.reusable
-    assert not verdict.changed and not verdict.missing, "CRCs and symbols are all fine"
+    (found,) = verdict.judge([dataclasses.replace(real, import_ns=frozenset())], target)
+    assert not found.reusable
+    assert not found.changed and not found.missing, "CRCs and symbols are all fine"
     assert (
         "usb_stor_disconnect is exported in namespace USB_STORAGE, which the module does not import"
-    ) in verdict.reasons
+    ) in found.reasons

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from kmodd import modfile
+from kmodd.world import modfile
 from tests.conftest import K111, require_tool
 from tests.sources import write_source
 from tests.test_autoinstall import kmodctl, make_system
@@ -27,7 +27,7 @@ def test_kill_9_at_many_points_leaves_whole_files_and_the_next_run_finishes(
     for name in ("kmt-base", "kmt-pair", "kmt-misc"):
         write_source(root, name)
     updates = root / "lib/modules" / K111 / "updates/dkms"
-    argv = [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root),
+    argv = [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root),
             "autoinstall", "-k", K111, "-j", "2"]  # fmt: skip
     seen_files = 0
     for delay in KILL_AFTER:

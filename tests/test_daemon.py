@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import modfile
-from kmodd.dbus_api import Client
+from kmodd.edges.dbus import Client
+from kmodd.world import modfile
 from tests.conftest import K111, K113, install_headers, require_tool
 from tests.dbus_harness import Bus, running_service, system_bus
 from tests.sources import write_source
@@ -31,7 +31,7 @@ def kmodctl(bus: Bus, root: Path, *args: str) -> subprocess.CompletedProcess[str
     """kmodctl as an admin runs it, talking to the service for this root."""
     env = bus.env(PYTHONPATH=os.fspath(TOP))
     return subprocess.run(
-        [sys.executable, "-m", "kmodd.cli", "--root", os.fspath(root), *args],
+        [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -123,7 +123,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(tmp_path: Path, bus: Bus) -
             [
                 sys.executable,
                 "-m",
-                "kmodd.cli",
+                "kmodd.edges.cli",
                 "--root",
                 os.fspath(root),
                 "autoinstall",
@@ -162,7 +162,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(tmp_path: Path, bus: Bus) -
 
 _JOBS = """
 import json
-from kmodd.dbus_api import Client
+from kmodd.edges.dbus import Client
 client = Client.connect()
 print(json.dumps(client.jobs()))
 """
@@ -176,7 +176,7 @@ def test_ready_notification_and_a_clean_stop(tmp_path: Path, bus: Bus) -> None:
         notify.settimeout(30)
         env = bus.env(NOTIFY_SOCKET=os.fspath(sock_path), PYTHONPATH=os.fspath(TOP))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kmodd.daemon", "--root", os.fspath(root)],
+            [sys.executable, "-m", "kmodd.edges.daemon", "--root", os.fspath(root)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

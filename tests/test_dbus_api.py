@@ -1,5 +1,5 @@
 """io.kmodd1 over a real dbus-daemon configured like Debian's system bus, with kmodd's
-own policy file: the service (`python -m kmodd.daemon`) in its own process, a stand-in
+own policy file: the service (`python -m kmodd.edges.daemon`) in its own process, a stand-in
 logind, clients as root (this process) and as uid 65534 (`setpriv`), a real build."""
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from kmodd.dbus_api import BUS_NAME, INTERFACE, OBJECT_PATH, Client, serve
-from kmodd.dbus_api._common import _classes, disconnect, from_dbus_error, kmodd_error
-from kmodd.dbus_api._inhibit import Inhibitor
-from kmodd.errors import AccessDeniedError, BadInputError, KmoddError, NotFoundError, UsageError
-from kmodd.paths import Root
-from kmodd.request import Request, Verb
+from kmodd.act.request import Request, Verb
+from kmodd.base.errors import (
+    AccessDeniedError,
+    BadInputError,
+    KmoddError,
+    NotFoundError,
+    UsageError,
+)
+from kmodd.base.paths import Root
+from kmodd.edges.dbus import BUS_NAME, INTERFACE, OBJECT_PATH, Client, serve
+from kmodd.edges.dbus._common import _classes, disconnect, from_dbus_error, kmodd_error
+from kmodd.edges.dbus._inhibit import Inhibitor
 from tests.conftest import K113, require_tool
 from tests.dbus_harness import (
     Bus,
@@ -391,7 +397,7 @@ def test_the_inhibitor_follows_the_busy_kernels(tmp_path: Path) -> None:
 
 
 def test_errors_come_back_as_their_classes() -> None:
-    import kmodd.store  # noqa: F401 - StoreError is a KmoddError too
+    import kmodd.state.store  # noqa: F401 - StoreError is a KmoddError too
 
     for cls in _classes(KmoddError):
         back = from_dbus_error(cls.dbus_name, "one line")

@@ -6,8 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
-from kmodd import devices, modfile
-from kmodd.paths import Root
+from kmodd.act import devices
+from kmodd.base.paths import Root
+from kmodd.world import modfile
 from tests.conftest import K113, require, require_tool
 from tests.sources import write_source
 from tests.test_autoinstall import kmodctl, make_system

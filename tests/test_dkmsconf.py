@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import dkmsconf, kernel
-from kmodd.dkmsconf import ModuleSpec, SourceConfig, SourceDir
-from kmodd.errors import BadInputError, NotFoundError
-from kmodd.paths import Root
+from kmodd.base.errors import BadInputError, NotFoundError
+from kmodd.base.paths import Root
+from kmodd.world import dkmsconf, kernel
+from kmodd.world.dkmsconf import ModuleSpec, SourceConfig, SourceDir
 from tests.conftest import K47, K113
 from tests.debs import unpack_dkms_package
 

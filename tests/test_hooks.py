@@ -25,7 +25,9 @@ def kmodctl_wrapper(tmp: Path) -> Path:
     bindir = tmp / "bin"
     bindir.mkdir(exist_ok=True)
     wrapper = bindir / "kmodctl"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m kmodd.cli "$@"\n')
+    wrapper.write_text(
+        f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m kmodd.edges.cli "$@"\n'
+    )
     wrapper.chmod(0o755)
     return bindir
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import kernel
-from kmodd.compression import Compression
-from kmodd.errors import NotFoundError
-from kmodd.paths import Root
+from kmodd.base.errors import NotFoundError
+from kmodd.base.paths import Root
+from kmodd.world import kernel
+from kmodd.world.compression import Compression
 from tests.conftest import K47, K56, K111, K113, host_headers, require, require_tool
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import modfile
-from kmodd.errors import BadInputError, NotFoundError
+from kmodd.base.errors import BadInputError, NotFoundError
+from kmodd.world import modfile
 from tests.conftest import K111, K113, require_tool
 
 Built = Callable[[str], dict[str, Path]]

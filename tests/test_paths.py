@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kmodd.paths import Root
+from kmodd.base.paths import Root
 
 
 def test_absolute_links_resolve_inside_the_root(tmp_path: Path) -> None:

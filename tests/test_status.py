@@ -54,7 +54,7 @@ def test_a_user_reads_status_with_the_service_down_and_nothing_is_written(
     assert not (state / "state.db-shm").exists()
     with as_other_user() as user:
         env = {**user.env, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={open_dir}/no-bus"}
-        argv = [*user.argv, "-m", "kmodd.cli", "--root", os.fspath(root), "status"]
+        argv = [*user.argv, "-m", "kmodd.edges.cli", "--root", os.fspath(root), "status"]
         proc = subprocess.run(argv, env=env, cwd="/", capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr  # once: "attempt to write a readonly database"
     assert expected in proc.stdout.splitlines()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kmodd import symvers
-from kmodd.errors import BadInputError
+from kmodd.base.errors import BadInputError
+from kmodd.world import symvers
 from tests.conftest import K47, K56, K111, K113, host_headers
 
 

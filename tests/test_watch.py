@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmodd.paths import Root
-from kmodd.watch import Watcher
-from kmodd.watch_events import EventKind, WatchEvent
+from kmodd.base.paths import Root
+from kmodd.edges.watch import Watcher
+from kmodd.edges.watch_events import EventKind, WatchEvent
 
 DEBOUNCE = 0.3
 QUIET = DEBOUNCE + 0.1  # after the expected events: long enough for one more to show

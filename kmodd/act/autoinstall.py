@@ -1,0 +1,369 @@
+"""Bringing one kernel up to date: plan, weak-link, build in parallel, install, depmod
+once, and remake the initrd when a REMAKE_INITRD module changed.
+
+The same code path serves `kmodctl autoinstall`, the kernel hooks and the service.
+A failure is recorded with its log and never stops the other modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from kmodd.act import builder, devices, initrd, install
+from kmodd.act.outcome import Outcome
+from kmodd.base import fsutil
+from kmodd.base.errors import BuildError, KmoddError
+from kmodd.base.paths import Root
+from kmodd.decide.plan import Action, Decision, plan_kernel
+from kmodd.state import store
+from kmodd.state.states import State
+from kmodd.state.store import Record, Store, files_present
+from kmodd.world import config, dkmsconf, kernel, modfile
+
+log = structlog.get_logger(__name__)
+
+_RECORDED = {
+    Action.EXCLUDED: State.EXCLUDED,
+    Action.WAIT: State.WAITING,
+    Action.DKMS: State.DKMS,
+    Action.FAILED: State.FAILED,
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    jobs: int = os.cpu_count() or 1
+    initrd: bool = True
+    only: frozenset[str] | None = None
+    """Only these source names (default: every source with AUTOINSTALL=yes)."""
+    avoid_kernels: frozenset[str] = frozenset()
+    pins: Mapping[str, str] = field(default_factory=dict)
+    """Versions to install instead of the newest, over kmodd.conf's `pin.NAME`."""
+
+
+def autoinstall(root: Root, release: str, options: Options = Options()) -> list[Outcome]:
+    with store.lock(root), Store.open(root) as db:
+        return _Run(root, db, kernel.find(root, release), options).run()
+
+
+class _Run:
+    def __init__(self, root: Root, db: Store, k: kernel.Kernel, options: Options) -> None:
+        self.root, self.db, self.k, self.options = root, db, k, options
+        self.arch = k.arch or os.uname().machine
+        self.config = config.load(root)
+        self.changed = False
+        self.remake_initrd = False
+        self.installed_now: list[Path] = []
+        self.relinked: set[str] = set()
+        """Other kernels whose weak links this run took away: depmod runs for them too."""
+        self.outcomes: list[Outcome] = []
+
+    @property
+    def _pending(self) -> Path:
+        """Exists while a change for this kernel waits for depmod (and the initrd): a run
+        killed in between leaves it, and the next run finishes the job."""
+        return self.root.state_dir / "pending" / self.k.release
+
+    def run(self) -> list[Outcome]:
+        if self._pending.exists():
+            self.changed = True
+            self.remake_initrd = self._pending.read_text().strip() == "initrd"
+        sources = dkmsconf.find_sources(self.root)
+        added = {
+            (s.name, s.version)
+            for s in sources
+            if self.db.add_source(s.name, s.version, self.root.outside(s.path))
+        }
+        sources = dkmsconf.newest(sources, {**self.config.pins, **self.options.pins})
+        if self.options.only is not None:
+            sources = [s for s in sources if s.name in self.options.only]
+        decisions = plan_kernel(
+            self.root,
+            self.db,
+            self.k,
+            sources,
+            autoinstall_only=self.options.only is None,
+            avoid_kernels=self.options.avoid_kernels,
+        )
+        for decision in decisions:  # DKMS runs POST_ADD at `dkms add`: here, when first seen
+            if decision.conf and (decision.source.name, decision.source.version) in added:
+                self._said_hook(decision.conf, "POST_ADD")
+        builds = []
+        for decision in decisions:
+            if decision.action is Action.BUILD:
+                builds.append(decision)
+            elif decision.action is Action.WEAK:
+                self._link(decision)
+            else:
+                self._note(decision)
+        self._build_all(builds)
+        for other in sorted(self.relinked):
+            install.depmod(self.root, other)
+        if self.changed:
+            install.depmod(self.root, self.k.release)
+            if self.remake_initrd and self.options.initrd:
+                initrd.remake(self.root, self.db, self.k.release)
+            self._pending.unlink(missing_ok=True)
+        if self.installed_now and self.k.release == os.uname().release:
+            devices.load_for_present_devices(self.root, self.installed_now)
+        return self.outcomes
+
+    # one decision at a time -------------------------------------------------------------
+
+    def _save(self, d: Decision, state: State, **fields: Any) -> None:
+        """Record `state` for `d`'s source on this kernel."""
+        self.db.put(Record(d.name, d.version, d.kernel, self.arch, state, **fields))
+
+    def _say(
+        self,
+        d: Decision,
+        state: State | None,
+        detail: str,
+        log: Path | None = None,
+        weak_from: str | None = None,
+    ) -> None:
+        self.outcomes.append(
+            Outcome(d.name, d.version, d.kernel, d.action, state, detail, log, weak_from)
+        )
+
+    def _note(self, d: Decision) -> None:
+        if d.action is Action.UP_TO_DATE:
+            # what is installed, said as its fate: the job that did it may have been
+            # another (the watcher's), and the admin reading apt's output wants the fate
+            now = self.db.record(d.name, d.version, d.kernel)
+            if now is not None:
+                logfile = Path(now.log) if now.log else None
+                self._say(d, now.state, d.reason, logfile, now.weak_from)
+                return
+        state = _RECORDED.get(d.action)
+        if state is not None:
+            old = self.db.record(d.name, d.version, d.kernel)
+            if old and old.files and d.action is Action.EXCLUDED:
+                self._retire(old)
+            self._save(d, state, detail=d.reason)
+        self._say(d, state, d.reason)
+
+    def _link(self, d: Decision) -> None:
+        assert d.conf is not None
+        conflict = self._claimed_by_another(d, d.weak_files)
+        if conflict:
+            self._failed(d, conflict, None)
+            return
+        try:
+            self._install_hook(d.conf, "PRE_INSTALL")
+        except BuildError as err:
+            self._failed(d, err.problem, err.log)
+            return
+        old = self.db.record(d.name, d.version, d.kernel)
+        links = install.link_weak(self.k, d.name, list(d.weak_files))
+        self.installed_now += links
+        files = tuple(self.root.outside(p) for p in links)
+        if old:
+            self._retire(old, keep=files)
+        self._save(
+            d,
+            State.INSTALLED_WEAK,
+            weak_from=d.weak_from,
+            detail=d.reason,
+            files=files,
+            remake_initrd=d.conf.remake_initrd,
+        )
+        self._changed(d.conf.remake_initrd)
+        self._replace_other_versions(d, files)
+        self._said_hook(d.conf, "POST_INSTALL")
+        self._say(d, State.INSTALLED_WEAK, d.reason, weak_from=d.weak_from)
+
+    def _install_hook(self, conf: dkmsconf.SourceConfig, which: str) -> None:
+        builder.source_hook(
+            self.root, conf, self.k.release, which, timeout=self.config.build_timeout
+        )
+
+    def _said_hook(self, conf: dkmsconf.SourceConfig, which: str) -> None:
+        """POST_INSTALL, POST_ADD: as with DKMS, a failure is said but undoes nothing."""
+        try:
+            self._install_hook(conf, which)
+        except BuildError as err:
+            log.warning(f"{which} failed", module=conf.name, kver=self.k.release,
+                        problem=err.problem, log=os.fspath(err.log or ""))  # fmt: skip
+
+    def _claimed_by_another(self, d: Decision, modules: Sequence[Path]) -> str | None:
+        """Another source's module of the same name already in place for this kernel: a
+        conflict to report, never a silent overwrite (nor, later, an uninstall of one
+        that deletes the other's file). Asked in this run's one finishing thread."""
+        names = {modfile.module_name(m) for m in modules}
+        for other in self.db.records(kernel=d.kernel):
+            if other.name == d.name or other.state not in (State.INSTALLED, State.INSTALLED_WEAK):
+                continue
+            clash = sorted(names & {modfile.module_name(Path(f)) for f in other.files})
+            if clash and files_present(self.root, other):
+                return (
+                    f"conflict: module {', '.join(clash)} is already installed by "
+                    f"{other.name}/{other.version} for {d.kernel}; uninstall one of the two"
+                )
+        return None
+
+    def _replace_other_versions(self, d: Decision, files: tuple[str, ...]) -> None:
+        """`d`'s version is now the one installed for this kernel: the other versions'
+        records and files go in the same step, and a weak link another kernel made to
+        the build that was here is taken away (it would now load a build never judged
+        for that kernel), recorded as to be judged again."""
+        replaced = False
+        for other in self.db.records(name=d.name, kernel=d.kernel):
+            if other.version != d.version:
+                self._retire(other, keep=files)
+                self.db.delete(other.name, other.version, other.kernel)
+                replaced = True
+        if not replaced:
+            return
+        for stale in self.db.records(name=d.name):
+            if stale.weak_from == d.kernel and stale.version != d.version:
+                install.remove_files(self.root, list(stale.files))
+                why = (
+                    f"its weak link went to {d.kernel}'s build, now {d.name}/{d.version}: "
+                    f"to be judged again (kmodctl autoinstall -k {stale.kernel})"
+                )
+                self.db.put(
+                    Record(stale.name, stale.version, stale.kernel, stale.arch, State.ADDED,
+                           detail=why)
+                )  # fmt: skip
+                self.relinked.add(stale.kernel)
+                outcome = Outcome(stale.name, stale.version, stale.kernel, Action.WEAK,
+                                  State.ADDED, why)  # fmt: skip
+                self.outcomes.append(outcome)
+
+    def _retire(self, old: Record, keep: tuple[str, ...] = ()) -> None:
+        install.remove_files(self.root, [f for f in old.files if f not in keep])
+        self._changed(old.remake_initrd)
+
+    def _changed(self, remake_initrd: bool) -> None:
+        if not self.changed or (remake_initrd and not self.remake_initrd):
+            fsutil.atomic_write(self._pending, b"initrd\n" if remake_initrd else b"depmod\n")
+        self.changed = True
+        self.remake_initrd = self.remake_initrd or remake_initrd
+
+    # builds ------------------------------------------------------------------------------
+
+    def _build_all(self, builds: list[Decision]) -> None:
+        """Build in parallel in BUILD_DEPENDS order (graphlib), REMAKE_INITRD sources
+        first among those ready. A cycle fails its members, named; what depends on a
+        failed source fails too; the rest go on."""
+        by_name = {d.name: d for d in builds}
+        graph = {d.name: set(_depends(d)) & by_name.keys() for d in builds}
+        failed: set[str] = set()
+        for cycle in _break_cycles(graph):
+            for name in dict.fromkeys(cycle):
+                failed.add(name)
+                self._failed(by_name[name], f"BUILD_DEPENDS cycle: {' -> '.join(cycle)}", None)
+        order = TopologicalSorter(graph)
+        order.prepare()
+        running: dict[Future[builder.BuildResult], Decision] = {}
+        workers = max(1, min(self.options.jobs, len(builds)))
+        make_jobs = max(1, (os.cpu_count() or 1) // workers)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            while order.is_active():
+                ready = [by_name[name] for name in order.get_ready()]
+                for d in sorted(ready, key=lambda d: not (d.conf and d.conf.remake_initrd)):
+                    blocked = [dep for dep in _depends(d) if dep in failed]
+                    if blocked:
+                        failed.add(d.name)
+                        self._failed(d, f"BUILD_DEPENDS {', '.join(blocked)} failed", None)
+                        order.done(d.name)
+                    else:
+                        self._keep_files(d, State.BUILDING, d.reason)
+                        running[pool.submit(self._build_one, d, make_jobs)] = d
+                if not running:
+                    continue  # only failures were ready: what they unblocked is next
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    d = running.pop(future)
+                    if not self._finish(d, future):
+                        failed.add(d.name)
+                    order.done(d.name)
+
+    def _build_one(self, d: Decision, make_jobs: int) -> builder.BuildResult:
+        structlog.contextvars.bind_contextvars(module=d.name, kver=d.kernel)
+        return builder.build(self.root, d.source, self.k, config=self.config, jobs=make_jobs)
+
+    def _finish(self, d: Decision, future: Future[builder.BuildResult]) -> bool:
+        try:
+            result = future.result()
+            conflict = self._claimed_by_another(d, [m.path for m in result.modules])
+            if conflict:
+                self._failed(d, conflict, result.log)
+                return False
+            self._install_hook(result.conf, "PRE_INSTALL")
+            old = self.db.record(d.name, d.version, d.kernel)
+            paths = install.install_build(self.root, self.k, result)
+            files = tuple(self.root.outside(p) for p in paths)
+        except BuildError as err:
+            self._failed(d, err.problem, err.log)
+            return False
+        except (KmoddError, OSError) as err:
+            self._failed(d, str(err), None)
+            return False
+        self.installed_now += paths
+        if old:
+            self._retire(old, keep=files)
+        remake = result.conf.remake_initrd
+        self._save(
+            d,
+            State.INSTALLED,
+            log=os.fspath(result.log),
+            detail="built",
+            files=files,
+            remake_initrd=remake,
+        )
+        self._changed(remake)
+        self._replace_other_versions(d, files)
+        self._said_hook(result.conf, "POST_INSTALL")
+        self._say(d, State.INSTALLED, "built and installed", result.log)
+        return True
+
+    def _failed(self, d: Decision, problem: str, logfile: Path | None) -> None:
+        self._keep_files(d, State.FAILED, problem, logfile)
+        self._say(d, State.FAILED, problem, logfile)
+
+    def _keep_files(
+        self, d: Decision, state: State, detail: str, logfile: Path | None = None
+    ) -> None:
+        """A new state for `d`; what it had installed stays installed (and recorded)."""
+        old = self.db.record(d.name, d.version, d.kernel)
+        self._save(
+            d,
+            state,
+            log=None if logfile is None else os.fspath(logfile),
+            detail=detail,
+            files=old.files if old else (),
+            remake_initrd=old.remake_initrd if old else False,
+        )
+
+
+def _depends(d: Decision) -> tuple[str, ...]:
+    return d.conf.build_depends if d.conf else ()
+
+
+def _break_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Take every BUILD_DEPENDS cycle out of `graph` (name -> the names it needs), with
+    its members wherever they are needed; returns the cycles, each as graphlib names it
+    (`a, b, a`), so each can fail with its cycle named."""
+    cycles = []
+    while True:
+        try:
+            TopologicalSorter(graph).prepare()
+        except CycleError as err:
+            cycle = [str(name) for name in err.args[1]]
+            cycles.append(cycle)
+            for name in cycle:
+                graph.pop(name, None)
+            for needs in graph.values():
+                needs.difference_update(cycle)
+        else:
+            return cycles

@@ -1,0 +1,110 @@
+"""Putting modules in a kernel's tree, and taking them out, without half-done states.
+
+Built modules go to `lib/modules/KVER/updates/dkms/` (Debian, Ubuntu, Arch: DKMS's own
+choice there) or `extra/` (Fedora, RHEL, SUSE), else DEST_MODULE_LOCATION; each is
+written to a temporary file and renamed. Weak modules are relative symlinks in
+`weak-updates/NAME/` to the build installed for another kernel. depmod runs once per
+kernel per batch, by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+import structlog
+
+from kmodd.act.builder import BuildResult
+from kmodd.base import fsutil
+from kmodd.base.paths import Root
+from kmodd.base.run import run
+from kmodd.world import modfile
+from kmodd.world.dkmsconf import ModuleSpec
+from kmodd.world.kernel import Kernel
+
+log = structlog.get_logger(__name__)
+
+_DEBIAN_LIKE = {"debian", "ubuntu", "arch", "linuxmint", "pop", "manjaro", "raspbian"}
+_REDHAT_LIKE = {"rhel", "fedora", "centos", "rocky", "almalinux", "suse", "opensuse", "sles"}
+
+
+def distro_ids(root: Root) -> set[str]:
+    """ID and ID_LIKE of `<root>/etc/os-release` (or `/usr/lib/os-release`)."""
+    for candidate in (root.path("/etc/os-release"), root.path("/usr/lib/os-release")):
+        if candidate.is_file():
+            ids: set[str] = set()
+            for line in candidate.read_text(errors="replace").splitlines():
+                key, _, value = line.partition("=")
+                if key in ("ID", "ID_LIKE"):
+                    ids.update(value.strip("\"'").split())
+            return ids
+    return set()
+
+
+def dest_dir(root: Root, k: Kernel, spec: ModuleSpec) -> Path:
+    """Where `spec` is installed for kernel `k`, by the distribution's DKMS convention;
+    elsewhere DEST_MODULE_LOCATION, but never in the kernel's own `kernel/` tree:
+    `/kernel/drivers/misc` goes to `updates/drivers/misc` (depmod prefers updates/), so
+    the kernel's module is neither overwritten nor, at uninstall, deleted."""
+    ids = distro_ids(root)
+    if ids & _DEBIAN_LIKE:
+        return k.modules_dir / "updates" / "dkms"
+    if ids & _REDHAT_LIKE:
+        return k.modules_dir / "extra"
+    top, *rest = PurePosixPath(spec.dest_location).relative_to("/").parts
+    return k.modules_dir.joinpath(top if top in ("updates", "extra") else "updates", *rest)
+
+
+def install_build(root: Root, k: Kernel, result: BuildResult) -> list[Path]:
+    """Install every module of a build for `k`, replacing older files and weak links."""
+    installed = []
+    for module in result.modules:
+        target = dest_dir(root, k, module.spec) / module.path.name
+        fsutil.atomic_write(target, module.path.read_bytes())
+        _remove_other_forms(target)
+        fsutil.remove(weak_link_path(k, result.conf.name, module.path.name))
+        installed.append(target)
+    log.info(
+        "installed",
+        module=result.conf.name,
+        kver=k.release,
+        files=[os.fspath(p) for p in installed],
+    )
+    return installed
+
+
+def weak_link_path(k: Kernel, source_name: str, file_name: str) -> Path:
+    return k.modules_dir / "weak-updates" / source_name / file_name
+
+
+def link_weak(k: Kernel, source_name: str, files: list[Path]) -> list[Path]:
+    """Relative symlinks in `k`'s weak-updates to modules installed for another kernel."""
+    links = []
+    for target in files:
+        link = weak_link_path(k, source_name, target.name)
+        fsutil.atomic_symlink(os.path.relpath(target, link.parent), link)
+        _remove_other_forms(link)
+        links.append(link)
+    log.info("weak-linked", module=source_name, kver=k.release, links=[os.fspath(p) for p in links])
+    return links
+
+
+def _remove_other_forms(path: Path) -> None:
+    """A module installed as .ko.xz replaces the same module as .ko, .ko.gz, .ko.zst."""
+    stem = modfile.module_name(path)
+    for sibling in path.parent.iterdir():
+        same_module = modfile.is_module_file(sibling) and modfile.module_name(sibling) == stem
+        if sibling != path and same_module:
+            sibling.unlink()
+
+
+def remove_files(root: Root, files: list[str]) -> None:
+    """Remove installed files and links recorded as paths inside the root (and the
+    directories that leaves empty, up to the kernel's own)."""
+    for inside in files:
+        fsutil.remove(root.path(inside))
+
+
+def depmod(root: Root, release: str) -> None:
+    base = [] if root.prefix == Path("/") else ["-b", os.fspath(root.prefix)]
+    run(["depmod", "-a", *base, release], timeout=600)

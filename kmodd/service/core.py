@@ -1,0 +1,257 @@
+"""The service's core: the job queue and its scheduler, and the calls the edges (D-Bus,
+the watcher) make. Knows nothing of transports; the edges subscribe to its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from kmodd.act import manage, perform
+from kmodd.act.outcome import Outcome
+from kmodd.act.request import ANY_KERNEL, Request, Verb
+from kmodd.base.errors import KmoddError, NotFoundError
+from kmodd.base.paths import Root
+from kmodd.decide.plan import Decision, plan_for
+from kmodd.service.jobs import Job, JobQueue, JobState, Priority
+from kmodd.state import report
+from kmodd.state.store import Store
+from kmodd.world import kernel
+
+log = structlog.get_logger(__name__)
+
+JobListener = Callable[[Job], None]
+ReadyListener = Callable[[str, bool], None]
+BusyListener = Callable[[list[str]], None]
+"""Called with the kernels that have work queued or running ([] when the queue drains)."""
+
+
+class Service:
+    def __init__(
+        self,
+        root: Root,
+        *,
+        concurrency: int = 2,
+        running_kernel: str | None = None,
+        build_jobs: int = os.cpu_count() or 1,
+    ) -> None:
+        self.root = root
+        self.concurrency = max(1, concurrency)
+        self.running_kernel = running_kernel
+        self.build_jobs = build_jobs
+        self.queue = JobQueue(root)
+        self.on_job: list[JobListener] = []
+        self.on_ready: list[ReadyListener] = []
+        self.on_busy: list[BusyListener] = []
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="job")
+        self._wake = asyncio.Event()
+        self._ready: dict[str, asyncio.Event] = {}
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._busy: list[str] = []
+        self._scheduler: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # life --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        recovered = self.queue.recover()
+        if recovered:
+            log.info("jobs recovered", jobs=[j.id for j in recovered])
+        if self.running_kernel and self.running_kernel in kernel.installed_releases(self.root):
+            self.add_kernel(self.running_kernel)  # boot-time autoinstall, first of all
+        self._scheduler = asyncio.create_task(self._schedule())
+        self._update_busy()
+
+    async def stop(self) -> None:
+        """Stop taking jobs; running ones are left `running` in the store, and so run
+        again at the next start (their files are old or new, never half-written)."""
+        self._stopping = True
+        if self._scheduler:
+            self._scheduler.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.queue.close()
+
+    # the calls the edges make ------------------------------------------------------------
+
+    def status(self, module: str | None = None, release: str | None = None) -> list[report.Line]:
+        with Store.open(self.root, readonly=True) as db:
+            return report.status(self.root, db, name=module or None, release=release or None)
+
+    def plan(self, release: str) -> list[Decision]:
+        return plan_for(self.root, release)
+
+    def submit(self, request: Request) -> Job:
+        """Queue `request` (checked first: its kernel and source exist), after the
+        requests other kernels need before it (`perform.before`), each a job of its own
+        with its own priority."""
+        if request.verb in (Verb.AUTOINSTALL, Verb.INSTALL):
+            kernel.find(self.root, request.kernel)
+        if request.verb in (Verb.INSTALL, Verb.UNINSTALL):
+            manage.find_source(self.root, request.source)
+        first = [self._enqueue(r) for r in perform.before(self.root, request)]
+        return self._enqueue(request, after=tuple(j.id for j in first))
+
+    def add_kernel(self, release: str) -> Job:
+        return self.submit(Request(Verb.AUTOINSTALL, release))
+
+    def remove_kernel(self, release: str) -> Job:
+        return self.submit(Request(Verb.REMOVE_KERNEL, release))
+
+    def source_added(self, source: str) -> list[Job]:
+        return [
+            self.submit(Request(Verb.INSTALL, release, source))
+            for release in kernel.installed_releases(self.root)
+        ]
+
+    def source_removed(self, source: str) -> Job:
+        return self.submit(Request(Verb.FORGET_SOURCE, ANY_KERNEL, source))
+
+    def cancel(self, job_id: int) -> Job | None:
+        job = self.queue.cancel(job_id)
+        if job:
+            self._changed(job)
+            self._kernel_maybe_ready(job.kernel)
+        return job
+
+    def jobs(self) -> list[Job]:
+        return self.queue.recent()
+
+    def job(self, job_id: int) -> Job:
+        found = self.queue.find(job_id)
+        if found is None:
+            raise NotFoundError(f"no job {job_id}")
+        return found
+
+    def log(self, job_id: int) -> str:
+        """The job's outcomes, and the tail of the build log of each that failed."""
+        job = self.job(job_id)
+        lines = [f"job {job.id}: {job.kind} {job.source or ''} {job.kernel}: {job.state}"]
+        if job.detail:
+            lines.append(job.detail)
+        for doc in json.loads(job.outcomes):
+            o = Outcome.from_json(doc)
+            lines.append(o.text())
+            logfile = o.log if o.failed else None
+            if logfile and logfile.is_file():
+                tail = logfile.read_text(errors="replace").splitlines()[-40:]
+                lines.extend("    " + t for t in tail)
+            elif logfile:
+                lines.append(f"    (log {logfile} is gone)")
+        return "\n".join(lines)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.queue.active())
+
+    async def wait(self, release: str, timeout: float) -> tuple[bool, list[Job]]:
+        """Until `release` has no job queued or running (True), or `timeout` (False)."""
+        if self.queue.active(release):
+            event = self._ready.setdefault(release, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except TimeoutError:
+                return False, self.queue.active(release)
+        return True, [j for j in self.queue.recent() if j.kernel == release][:10]
+
+    # scheduling ----------------------------------------------------------------------------
+
+    def _enqueue(self, request: Request, after: tuple[int, ...] = ()) -> Job:
+        release = request.kernel
+        job = self.queue.enqueue(request, priority=self._priority(release), after=after)
+        self._ready.setdefault(release, asyncio.Event()).clear()
+        self._changed(job)
+        self._wake.set()
+        return job
+
+    def _priority(self, release: str) -> int:
+        if release == self.running_kernel:
+            return Priority.RUNNING_KERNEL
+        if release == default_kernel(self.root):
+            return Priority.DEFAULT_KERNEL
+        return Priority.OTHER
+
+    async def _schedule(self) -> None:
+        while not self._stopping:
+            while len(self._running) < self.concurrency:
+                job = self.queue.next_ready()
+                if job is None:
+                    break
+                job = self.queue.start(job)
+                self._changed(job)
+                self._running[job.id] = asyncio.create_task(self._run(job))
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _run(self, job: Job) -> None:
+        structlog.contextvars.bind_contextvars(job=job.id, kver=job.kernel)
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(self._pool, self._execute, job)
+        except KmoddError as err:
+            job = self.queue.finish(job, JobState.FAILED, str(err))
+        except Exception as err:  # a job's bug must not stop the service
+            log.exception("job crashed", job=job.id)
+            job = self.queue.finish(job, JobState.FAILED, f"internal error: {err}")
+        else:
+            failed = any(o.failed for o in outcomes)
+            doc = json.dumps([o.json() for o in outcomes])
+            state = JobState.FAILED if failed else JobState.DONE
+            detail = f"{sum(o.failed for o in outcomes)} failed" if failed else "done"
+            job = self.queue.finish(job, state, detail, doc)
+            for then in perform.after(job.request, outcomes):
+                self._enqueue(then)  # its own job, its own priority
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+        self._changed(job)
+        self._kernel_maybe_ready(job.kernel)
+
+    def _execute(self, job: Job) -> list[Outcome]:
+        return perform.perform(self.root, job.request, self.build_jobs)
+
+    # events --------------------------------------------------------------------------------
+
+    def _changed(self, job: Job) -> None:
+        log.info(
+            "job",
+            id=job.id,
+            kind=job.kind.value,
+            kver=job.kernel,
+            source=job.source,
+            state=job.state.value,
+        )
+        for listener in self.on_job:
+            listener(job)
+        self._update_busy()
+
+    def _kernel_maybe_ready(self, release: str) -> None:
+        if self.queue.active(release):
+            return
+        recent = [j for j in self.queue.recent(50) if j.kernel == release]
+        ok = not any(j.state is JobState.FAILED for j in recent[:1])
+        self._ready.setdefault(release, asyncio.Event()).set()
+        for listener in self.on_ready:
+            listener(release, ok)
+
+    def _update_busy(self) -> None:
+        busy = sorted({j.kernel for j in self.queue.active()})
+        if busy != self._busy:
+            self._busy = busy
+            for listener in self.on_busy:
+                listener(busy)
+
+
+def default_kernel(root: Root) -> str | None:
+    """The kernel the machine boots by default: /boot/vmlinuz or /vmlinuz's target."""
+    for link in (root.path("/boot/vmlinuz"), root.path("/vmlinuz")):
+        if link.is_symlink():
+            name = link.readlink().name
+            if name.startswith("vmlinuz-"):
+                return name[len("vmlinuz-") :]
+    releases = kernel.installed_releases(root)
+    return releases[-1] if releases else None
