@@ -22,7 +22,7 @@ from kmodd.base.paths import Root
 from kmodd.base.run import run
 from kmodd.state.states import State
 from kmodd.state.store import InitrdCheck, Store, files_present
-from kmodd.world import modfile
+from kmodd.world import distro, modfile
 
 log = structlog.get_logger(__name__)
 
@@ -67,8 +67,10 @@ _OTHER_TOOL_DIRS = ("/usr/sbin", "/sbin", "/bin")
 
 
 def detect(root: Root) -> Generator | None:
-    """The initrd generator installed in `root` (Debian's update-initramfs first)."""
-    for gen in _GENERATORS:
+    """The initrd generator installed in `root`: the distribution's own first (`distro`),
+    then Debian's update-initramfs, dracut, mkinitcpio."""
+    own = distro.detect(root).initrd_generator
+    for gen in sorted(_GENERATORS, key=lambda g: g.name != own):
         tool_path = PurePosixPath(gen.tool)
         for where in (tool_path.parent, *_OTHER_TOOL_DIRS):
             tool = f"{where}/{tool_path.name}"

@@ -1,7 +1,7 @@
 """Putting modules in a kernel's tree, and taking them out, without half-done states.
 
-Built modules go to `lib/modules/KVER/updates/dkms/` (Debian, Ubuntu, Arch: DKMS's own
-choice there) or `extra/` (Fedora, RHEL, SUSE), else DEST_MODULE_LOCATION; each is
+Built modules go where DKMS puts them on the distribution (`world.distro`: Debian's
+`updates/dkms/`, Fedora's `extra/`, SUSE's `updates/`), else DEST_MODULE_LOCATION; each is
 written to a temporary file and renamed. Weak modules are relative symlinks in
 `weak-updates/NAME/` to the build installed for another kernel. depmod runs once per
 kernel per batch, by the caller.
@@ -18,39 +18,22 @@ from kmodd.act.builder import BuildResult
 from kmodd.base import fsutil
 from kmodd.base.paths import Root
 from kmodd.base.run import run
-from kmodd.world import modfile
+from kmodd.world import distro, modfile
 from kmodd.world.dkmsconf import ModuleSpec
 from kmodd.world.kernel import Kernel
 
 log = structlog.get_logger(__name__)
 
-_DEBIAN_LIKE = {"debian", "ubuntu", "arch", "linuxmint", "pop", "manjaro", "raspbian"}
-_REDHAT_LIKE = {"rhel", "fedora", "centos", "rocky", "almalinux", "suse", "opensuse", "sles"}
-
-
-def distro_ids(root: Root) -> set[str]:
-    """ID and ID_LIKE of `<root>/etc/os-release` (or `/usr/lib/os-release`)."""
-    for candidate in (root.path("/etc/os-release"), root.path("/usr/lib/os-release")):
-        if candidate.is_file():
-            ids: set[str] = set()
-            for line in candidate.read_text(errors="replace").splitlines():
-                key, _, value = line.partition("=")
-                if key in ("ID", "ID_LIKE"):
-                    ids.update(value.strip("\"'").split())
-            return ids
-    return set()
-
 
 def dest_dir(root: Root, k: Kernel, spec: ModuleSpec) -> Path:
-    """Where `spec` is installed for kernel `k`, by the distribution's DKMS convention;
+    """Where `spec` is installed for kernel `k`, by the distribution's DKMS convention
+    (`distro`);
     elsewhere DEST_MODULE_LOCATION, but never in the kernel's own `kernel/` tree:
     `/kernel/drivers/misc` goes to `updates/drivers/misc` (depmod prefers updates/), so
     the kernel's module is neither overwritten nor, at uninstall, deleted."""
-    ids = distro_ids(root)
-    if ids & _DEBIAN_LIKE:
-        return k.modules_dir / "updates" / "dkms"
-    if ids & _REDHAT_LIKE:
-        return k.modules_dir / "extra"
+    convention = distro.detect(root).module_dir
+    if convention is not None:
+        return k.modules_dir / convention
     top, *rest = PurePosixPath(spec.dest_location).relative_to("/").parts
     return k.modules_dir.joinpath(top if top in ("updates", "extra") else "updates", *rest)
 
