@@ -41,8 +41,8 @@ def test_udev_lists_the_present_devices_as_sysfs_does() -> None:
 
 def test_loaded_modules_are_seen_in_sysfs_only_inside_the_root(tmp_path: Path) -> None:
     (tmp_path / "sys/module/kmt_simple").mkdir(parents=True)
-    assert devices.is_loaded(Root.at(tmp_path), "kmt-simple")
-    assert not devices.is_loaded(Root.at(tmp_path), "kmt_misc")
+    assert modfile.is_loaded(Root.at(tmp_path), "kmt-simple")
+    assert not modfile.is_loaded(Root.at(tmp_path), "kmt_misc")
     assert devices.load_for_present_devices(Root.at(tmp_path), []) == []
 
 

@@ -31,10 +31,6 @@ def wanted_aliases(modules: Iterable[modfile.ModuleInfo], modaliases: Iterable[s
     return sorted({a for a in modaliases if any(fnmatch.fnmatchcase(a, p) for p in patterns)})
 
 
-def is_loaded(root: Root, name: str) -> bool:
-    return root.path(f"/sys/module/{name.replace('-', '_')}").is_dir()
-
-
 def _probe(root: Root, release: str, alias: str, *, dry_run: bool) -> list[str]:
     """`modprobe -b MODALIAS` for `release`: by modalias, as udev loads drivers, so
     the blacklists apply (by name they would not). In a root other than `/`, its own

@@ -170,17 +170,6 @@ def verify(root: Root, db: Store, kernel: str, image: Path | None = None) -> Ini
     return check
 
 
-def current(root: Root, check: InitrdCheck | None) -> InitrdCheck | None:
-    """`check` if the image is still the one it listed (same mtime), else None."""
-    if check is None:
-        return None
-    try:
-        mtime = root.path(check.image).stat().st_mtime_ns
-    except OSError:
-        return None
-    return check if mtime == check.mtime_ns else None
-
-
 def listed_modules(root: Root, image: Path) -> set[str]:
     """Names of the module files inside `image`, as its generator's lister shows them."""
     gen = detect(root)

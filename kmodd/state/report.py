@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmodd.act import devices, initrd
 from kmodd.base.paths import Root
 from kmodd.state.states import State
-from kmodd.state.store import Record, Store, files_present
+from kmodd.state.store import Record, Store, current_check, files_present
 from kmodd.world import dkms_tree, dkmsconf, kernel, modfile
 
 
@@ -135,11 +134,11 @@ def _line(root: Root, db: Store, record: Record) -> Line:
         record = Record(record.name, record.version, record.kernel, record.arch, state)
     loaded = None
     if state in (State.INSTALLED, State.INSTALLED_WEAK) and record.kernel == os.uname().release:
-        loaded = all(devices.is_loaded(root, modfile.module_name(Path(f))) for f in record.files)
+        loaded = all(modfile.is_loaded(root, modfile.module_name(Path(f))) for f in record.files)
     weak_from = record.weak_from if state is State.INSTALLED_WEAK else None
     in_initrd, image = None, None
     if state in (State.INSTALLED, State.INSTALLED_WEAK) and record.remake_initrd:
-        check = initrd.current(root, db.initrd(record.kernel))
+        check = current_check(root, db.initrd(record.kernel))
         mine = {modfile.module_name(Path(f)) for f in record.files}
         if check is not None and mine <= set(check.expected):  # else: not listed for these
             in_initrd, image = not mine & set(check.missing), check.image

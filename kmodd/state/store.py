@@ -45,6 +45,17 @@ def files_present(root: Root, record: Record) -> bool:
     return bool(record.files) and all(root.path(f).exists() for f in record.files)
 
 
+def current_check(root: Root, check: InitrdCheck | None) -> InitrdCheck | None:
+    """`check` if its image is still the one it listed (same mtime), else None."""
+    if check is None:
+        return None
+    try:
+        mtime = root.path(check.image).stat().st_mtime_ns
+    except OSError:
+        return None
+    return check if mtime == check.mtime_ns else None
+
+
 class StoreError(KmoddError):
     dbus_name = "io.kmodd1.Error.State"
     exit_code = 5

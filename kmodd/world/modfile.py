@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmodd.base.errors import BadInputError, NotFoundError
+from kmodd.base.paths import Root
 from kmodd.world import elf
 from kmodd.world.compression import read_bytes
 
@@ -143,3 +144,8 @@ def _modversions(image: elf.Elf) -> dict[str, int]:
         ):
             versions[name.decode("ascii", "replace")] = crc
     return versions
+
+
+def is_loaded(root: Root, name: str) -> bool:
+    """Module `name` is loaded in the running kernel (as `root`'s /sys shows it)."""
+    return root.path(f"/sys/module/{name.replace('-', '_')}").is_dir()
