@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -369,6 +372,36 @@ def test_an_endless_dkms_conf_is_killed_with_its_children(tmp_path: Path, body: 
         time.sleep(0.05)
     else:
         pytest.fail(f"the dkms.conf's child {child} survived the timeout")
+
+
+def test_a_dkms_conf_that_starts_a_daemon_is_read_at_once(tmp_path: Path) -> None:
+    """`setsid -f sleep` leaves a process holding bash's output; the dkms.conf was read
+    all the same, and kmodd does not wait for the daemon (the build sandbox ends it)."""
+    conf = write_source(
+        tmp_path, MINIMAL + "setsid -f bash -c 'echo $$ > daemon.pid; exec sleep 60'\n"
+    )
+    start = time.monotonic()
+    assert evaluate(tmp_path, conf, timeout=20).name == "demo"
+    assert time.monotonic() - start < 5
+    with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
+        os.kill(int((conf.parent / "daemon.pid").read_text()), signal.SIGKILL)
+
+
+def test_what_a_dkms_conf_prints_costs_no_memory_and_its_values_are_bounded(
+    tmp_path: Path,
+) -> None:
+    """300 MB printed by a dkms.conf is not read into memory (only the tail of what it
+    says is kept); a 10 MB value among its directives is refused, named."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    chatty = write_source(tmp_path, MINIMAL + "head -c 300000000 /dev/zero | tr '\\0' x\n")
+    assert evaluate(tmp_path, chatty, timeout=60).name == "demo"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # kB
+    huge = write_source(
+        tmp_path,
+        MINIMAL + "BUILT_MODULE_NAME[0]=$(head -c 10000000 /dev/zero | tr '\\0' x)\n",
+        "huge-1.0",
+    )
+    assert bad(tmp_path, huge, timeout=60) == f"{huge}: bash: printed more than 4194304 bytes"
 
 
 BROKEN = [

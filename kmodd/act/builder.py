@@ -117,7 +117,7 @@ def _problem(err: Exception, logfile: Path) -> str:
         first = first_error(logfile)
         if first is not None:
             return f"first error: {first}"
-        return f"{shlex.join(err.argv)[:200]} exited with status {err.returncode}"
+        return f"{shlex.join(err.argv)[:200]} {err.problem}"
     if isinstance(err, FileNotFoundError | shutil.Error):
         return f"source vanished during the build ({err})"
     return str(err)
@@ -209,9 +209,7 @@ def source_hook(root: Root, conf: SourceConfig, kernel: str, which: str, *, time
             log_file=logfile,
         )
     except CommandError as err:
-        raise BuildError(
-            what, f"{which} {script} exited with status {err.returncode}", logfile
-        ) from err
+        raise BuildError(what, f"{which} {script} {err.problem}", logfile) from err
 
 
 def _hook(script: str | None, build_dir: Path, step: Step) -> None:

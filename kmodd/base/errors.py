@@ -8,6 +8,7 @@ for a module), 2 is a usage error (argparse's own), the rest are the classes bel
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 
@@ -57,12 +58,37 @@ class CommandError(KmoddError):
     dbus_name = "io.kmodd1.Error.CommandFailed"
     exit_code = 5
 
-    def __init__(self, argv: list[str], returncode: int, stderr_tail: str) -> None:
+    def __init__(
+        self, argv: list[str], returncode: int, stderr_tail: str, *, problem: str | None = None
+    ) -> None:
         self.argv = argv
         self.returncode = returncode
         self.stderr_tail = stderr_tail
-        tail = stderr_tail.strip().splitlines()[-1:] or ["(no output)"]
-        super().__init__(f"{argv[0]} exited with status {returncode}: {tail[0]}")
+        self.problem = problem or ended(returncode)
+        tail = stderr_tail.strip().splitlines()[-1:]
+        super().__init__(f"{argv[0]} {self.problem}" + (f": {tail[0]}" if tail else ""))
+
+    @property
+    def timed_out(self) -> bool:
+        return self.problem.startswith("did not finish")
+
+
+def ended(returncode: int) -> str:
+    """How a process ended, as an admin reads it: `exited with status 2`, `was killed
+    by SIGSEGV`."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class CancelledError(KmoddError):
+    """Work was stopped before it finished: cancelled, or kmodd was told to stop."""
+
+    dbus_name = "io.kmodd1.Error.Cancelled"
+    exit_code = 9
 
 
 class AccessDeniedError(KmoddError):
@@ -96,4 +122,5 @@ EXIT_CODES: dict[int, str] = {
     6: "access denied",
     7: "some modules failed to build or install (each named, with its log); the rest were done",
     8: "timed out waiting for the service",
+    9: "cancelled, or interrupted (Ctrl-C, SIGTERM): nothing half-done was left",
 }

@@ -1,8 +1,15 @@
 """The one place kmodd starts other programs.
 
-`check=True` semantics, stdin from /dev/null, a minimal explicit environment, the
-command logged at debug as `+ cmd`, and failures raised as `CommandError` carrying
-the command, its exit status and the tail of its stderr.
+`check=True` semantics, stdin from /dev/null (or a file holding `input`), a minimal
+explicit environment, the command logged at debug as `+ cmd`, and failures raised as
+`CommandError` carrying the command, how it ended and the tail of its stderr.
+
+Every command runs in a process group of its own, killed as a whole when it times out,
+is cancelled, or when kmodd is told to stop (`terminate_all`), and once more after it
+exits, so no helper it started lingers in that group. Its output goes to unnamed
+temporary files, not pipes: a daemon that inherited them and lives on cannot keep
+kmodd waiting for an end of file, and only so much of it is ever read back
+(`max_output`).
 """
 
 from __future__ import annotations
@@ -12,13 +19,16 @@ import os
 import shlex
 import signal
 import subprocess
+import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 import structlog
 
-from kmodd.base.errors import CommandError
+from kmodd.base.errors import CancelledError, CommandError
 
 log = structlog.get_logger(__name__)
 
@@ -26,16 +36,23 @@ BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
 }
+MAX_OUTPUT = 64 * 1024 * 1024
+"""What a command may print to stdout for kmodd to read it (dkms.conf's dump, listings)."""
 _TAIL_CHARS = 4000
+_POLL = 0.1
 _running: set[int] = set()
 """Process groups started and not yet reaped: what `terminate_all` kills."""
+_lock = threading.Lock()
+_stopping = threading.Event()
 
 
 def terminate_all() -> None:
-    """Kill every process group `run` has started (the service's shutdown)."""
-    for pgid in list(_running):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+    """Kill every process group `run` has started, and start no more (kmodd stops)."""
+    _stopping.set()
+    with _lock:
+        groups = list(_running)
+    for pgid in groups:
+        _kill(pgid)
 
 
 def run(
@@ -47,9 +64,12 @@ def run(
     check: bool = True,
     input: bytes | None = None,
     log_file: Path | None = None,
+    max_output: int = MAX_OUTPUT,
+    cancel: threading.Event | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `argv` and return its result with stdout and stderr captured as bytes, or,
-    with `log_file`, both appended to that file (the error then carries its tail)."""
+    """Run `argv` and return its result with stdout and stderr as bytes, or, with
+    `log_file`, both appended to that file (the error then carries its tail). A
+    timeout, `cancel` being set or kmodd stopping kills the whole process group."""
     args = [os.fspath(a) for a in argv]
     full_env = {**BASE_ENV, **(env or {})}
     log.debug("+ " + shlex.join(args))
@@ -57,15 +77,21 @@ def run(
         with log_file.open("ab") as out:
             out.write(f"+ {shlex.join(args)}\n".encode())
             out.flush()
-            proc = _run(args, full_env, cwd, timeout, input, out, out)
-        if check and proc.returncode != 0:
-            raise CommandError(args, proc.returncode, _file_tail(log_file))
-        return proc
-    proc = _run(args, full_env, cwd, timeout, input, subprocess.PIPE, subprocess.PIPE)
-    if check and proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace")[-_TAIL_CHARS:]
-        raise CommandError(args, proc.returncode, tail)
-    return proc
+            code = _run(args, full_env, cwd, timeout, input, out, out, cancel)
+        if check and code != 0:
+            raise CommandError(args, code, _tail(log_file))
+        return subprocess.CompletedProcess(args, code, b"", b"")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        code = _run(args, full_env, cwd, timeout, input, out, err, cancel)
+        stderr = _read_tail(err)
+        if out.seek(0, os.SEEK_END) > max_output:
+            problem = f"printed more than {max_output} bytes"
+            raise CommandError(args, code, stderr.decode(errors="replace"), problem=problem)
+        out.seek(0)
+        stdout = out.read()
+    if check and code != 0:
+        raise CommandError(args, code, stderr.decode(errors="replace"))
+    return subprocess.CompletedProcess(args, code, stdout, stderr)
 
 
 def _run(
@@ -74,38 +100,76 @@ def _run(
     cwd: Path | None,
     timeout: float | None,
     input: bytes | None,
-    stdout: int | IO[bytes],
-    stderr: int | IO[bytes],
-) -> subprocess.CompletedProcess[bytes]:
-    try:
-        # start_new_session: on timeout the whole process group is killed, not just argv[0]
-        with subprocess.Popen(  # noqa: S603 - the one chokepoint
-            args,
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            start_new_session=True,
-        ) as proc:
+    stdout: IO[bytes],
+    stderr: IO[bytes],
+    cancel: threading.Event | None,
+) -> int:
+    if _stopping.is_set():
+        raise CancelledError(f"{args[0]} not started: kmodd is stopping")
+    with contextlib.ExitStack() as stack:
+        stdin: int | IO[bytes] = subprocess.DEVNULL
+        if input is not None:
+            stdin = stack.enter_context(tempfile.TemporaryFile())
+            stdin.write(input)
+            stdin.seek(0)
+        try:
+            proc = subprocess.Popen(  # noqa: S603 - the one chokepoint
+                args,
+                env=env,
+                cwd=cwd,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        except FileNotFoundError as err:
+            raise CommandError(args, 127, "", problem="not found") from err
+        except PermissionError as err:
+            raise CommandError(args, 126, "", problem="not executable") from err
+        with _lock:
             _running.add(proc.pid)
-            try:
-                out, err = proc.communicate(input, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                raise CommandError(args, -9, f"timed out after {timeout} s") from None
-            except BaseException:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
-            finally:
+        try:
+            return _wait(proc, args, timeout, cancel)
+        finally:
+            _kill(proc.pid)  # whatever it left in its group goes with it
+            with _lock:
                 _running.discard(proc.pid)
-    except FileNotFoundError as err:
-        raise CommandError(args, 127, f"{args[0]}: command not found") from err
-    return subprocess.CompletedProcess(args, proc.returncode, out or b"", err or b"")
+            proc.wait()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _file_tail(path: Path) -> str:
+def _wait(
+    proc: subprocess.Popen[bytes],
+    args: list[str],
+    timeout: float | None,
+    cancel: threading.Event | None,
+) -> int:
+    """Its exit status; a CommandError after `timeout`, a CancelledError on cancel."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return proc.wait(_POLL)
+        except subprocess.TimeoutExpired:
+            pass
+        if (cancel is not None and cancel.is_set()) or _stopping.is_set():
+            _kill(proc.pid)
+            raise CancelledError(f"{args[0]} was stopped: cancelled")
+        if deadline is not None and time.monotonic() >= deadline:
+            _kill(proc.pid)
+            raise CommandError(args, -9, "", problem=f"did not finish within {timeout:g} s")
+
+
+def _kill(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _read_tail(f: IO[bytes]) -> bytes:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - _TAIL_CHARS))
+    return f.read()
+
+
+def _tail(path: Path) -> str:
     with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - _TAIL_CHARS))
-        return f.read().decode(errors="replace")
+        return _read_tail(f).decode(errors="replace")
