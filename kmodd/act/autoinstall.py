@@ -8,6 +8,7 @@ A failure is recorded with its log and never stops the other modules.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import structlog
 from kmodd.act import builder, devices, initrd, install
 from kmodd.act.outcome import Outcome
 from kmodd.base import fsutil
-from kmodd.base.errors import BuildError, KmoddError
+from kmodd.base.errors import BuildError, CancelledError, KmoddError
 from kmodd.base.paths import Root
 from kmodd.decide.plan import Action, Decision, plan_kernel
 from kmodd.state import store
@@ -47,6 +48,8 @@ class Options:
     avoid_kernels: frozenset[str] = frozenset()
     pins: Mapping[str, str] = field(default_factory=dict)
     """Versions to install instead of the newest, over kmodd.conf's `pin.NAME`."""
+    cancel: threading.Event | None = None
+    """Set: running builds are killed, none starts, the run ends with CancelledError."""
 
 
 def autoinstall(root: Root, release: str, options: Options = Options()) -> list[Outcome]:
@@ -265,10 +268,12 @@ class _Run:
         order = TopologicalSorter(graph)
         order.prepare()
         running: dict[Future[builder.BuildResult], Decision] = {}
+        before: dict[str, Record | None] = {}
+        cancelled = False
         workers = max(1, min(self.options.jobs, len(builds)))
         make_jobs = max(1, (os.cpu_count() or 1) // workers)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            while order.is_active():
+            while order.is_active() and not cancelled:
                 ready = [by_name[name] for name in order.get_ready()]
                 for d in sorted(ready, key=lambda d: not (d.conf and d.conf.remake_initrd)):
                     blocked = [dep for dep in _depends(d) if dep in failed]
@@ -277,6 +282,7 @@ class _Run:
                         self._failed(d, f"BUILD_DEPENDS {', '.join(blocked)} failed", None)
                         order.done(d.name)
                     else:
+                        before[d.name] = self.db.record(d.name, d.version, d.kernel)
                         self._keep_files(d, State.BUILDING, d.reason)
                         running[pool.submit(self._build_one, d, make_jobs)] = d
                 if not running:
@@ -284,13 +290,38 @@ class _Run:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     d = running.pop(future)
+                    if isinstance(future.exception(), CancelledError):
+                        cancelled = True
+                        self._restore(d, before[d.name])
+                        continue
                     if not self._finish(d, future):
                         failed.add(d.name)
                     order.done(d.name)
+            for future, d in running.items():  # cancelled too: their commands are killed
+                if isinstance(future.exception(), CancelledError):
+                    self._restore(d, before[d.name])
+                else:
+                    self._finish(d, future)
+        if cancelled or (self.options.cancel is not None and self.options.cancel.is_set()):
+            raise CancelledError(f"cancelled: the builds for {self.k.release} were stopped")
+
+    def _restore(self, d: Decision, old: Record | None) -> None:
+        """A cancelled build leaves the record as it was before (never `building`)."""
+        if old is None:
+            self.db.delete(d.name, d.version, d.kernel)
+        else:
+            self.db.put(old)
 
     def _build_one(self, d: Decision, make_jobs: int) -> builder.BuildResult:
         structlog.contextvars.bind_contextvars(module=d.name, kver=d.kernel)
-        return builder.build(self.root, d.source, self.k, config=self.config, jobs=make_jobs)
+        return builder.build(
+            self.root,
+            d.source,
+            self.k,
+            config=self.config,
+            jobs=make_jobs,
+            cancel=self.options.cancel,
+        )
 
     def _finish(self, d: Decision, future: Future[builder.BuildResult]) -> bool:
         try:

@@ -12,6 +12,8 @@ import os
 import re
 import shlex
 import shutil
+import stat
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +22,10 @@ from pathlib import Path
 import structlog
 
 from kmodd.base import fsutil
-from kmodd.base.errors import BuildError, CommandError, KmoddError
+from kmodd.base.errors import BuildError, CancelledError, CommandError, KmoddError
 from kmodd.base.paths import Root
 from kmodd.base.run import run
-from kmodd.world import dkmsconf
+from kmodd.world import dkmsconf, modfile
 from kmodd.world.compression import compress
 from kmodd.world.config import Config
 from kmodd.world.dkmsconf import ModuleSpec, SourceConfig, SourceDir
@@ -51,12 +53,21 @@ def store_dir(root: Root, name: str, version: str, kernel: str, arch: str) -> Pa
     return root.state_dir / "builds" / name / version / kernel / arch
 
 
-def build(root: Root, source: SourceDir, k: Kernel, *, config: Config, jobs: int) -> BuildResult:
-    """Build `source` for kernel `k`; raises BuildError naming the step and the log."""
+def build(
+    root: Root,
+    source: SourceDir,
+    k: Kernel,
+    *,
+    config: Config,
+    jobs: int,
+    cancel: threading.Event | None = None,
+) -> BuildResult:
+    """Build `source` for kernel `k`; raises BuildError naming the step and the log,
+    CancelledError when `cancel` is set meanwhile (its commands are killed)."""
     if k.build_dir is None:
         raise BuildError(f"{source.path.name} for {k.release}", "no kernel headers (build dir)")
     arch = k.arch or os.uname().machine
-    work = root.state_dir / "work" / f"{source.path.name}-{k.release}-{uuid.uuid4().hex[:8]}"
+    work = root.work_dir / f"{source.path.name}-{k.release}-{uuid.uuid4().hex[:8]}"
     try:
         conf = dkmsconf.evaluate(
             root,
@@ -73,7 +84,14 @@ def build(root: Root, source: SourceDir, k: Kernel, *, config: Config, jobs: int
         bound = log.bind(module=conf.name, kver=k.release)
         bound.info("building", log=os.fspath(logfile))
         try:
-            modules = _build_in(root, conf, k, work, out, logfile, config=config, jobs=jobs)
+            modules = _build_in(
+                root, conf, k, work, out, logfile, config=config, jobs=jobs, cancel=cancel
+            )
+        except CancelledError:
+            with logfile.open("a") as f:
+                f.write("# kmodd: build cancelled\n")
+            bound.info("build cancelled", log=os.fspath(logfile))
+            raise
         except (CommandError, OSError, KmoddError) as err:
             problem = _problem(err, logfile)
             with logfile.open("a") as f:
@@ -133,6 +151,7 @@ def _build_in(
     *,
     config: Config,
     jobs: int,
+    cancel: threading.Event | None,
 ) -> tuple[BuiltModule, ...]:
     assert k.build_dir is not None
     build_dir = work / conf.name / conf.version / "build"
@@ -141,7 +160,7 @@ def _build_in(
     timeout = config.build_timeout
 
     def step(argv: list[str]) -> None:
-        run(argv, cwd=build_dir, env=env, timeout=timeout, log_file=logfile)
+        run(argv, cwd=build_dir, env=env, timeout=timeout, log_file=logfile, cancel=cancel)
 
     for patch in conf.patches:
         step(["patch", "-p1", "--forward", "-i", os.fspath(build_dir / "patches" / patch)])
@@ -160,12 +179,7 @@ def _build_in(
     built = []
     kept: set[str] = set()
     for index, spec in enumerate(conf.modules):
-        produced = build_dir / spec.built_location / f"{spec.built_name}.ko"
-        if not produced.is_file():
-            where = os.fspath(produced.relative_to(build_dir))
-            raise BuildError(
-                os.fspath(conf.conf_path), f"BUILT_MODULE_NAME[{index}]: make produced no {where}"
-            )
+        produced = _output(build_dir, spec, k, f"BUILT_MODULE_NAME[{index}]", conf.conf_path)
         if spec.strip:
             step(["strip", "-g", os.fspath(produced)])
         _sign(k, config, produced, step)
@@ -210,6 +224,39 @@ def source_hook(root: Root, conf: SourceConfig, kernel: str, which: str, *, time
         )
     except CommandError as err:
         raise BuildError(what, f"{which} {script} {err.problem}", logfile) from err
+
+
+MAX_MODULE_BYTES = 512 * 1024 * 1024
+"""Larger than any module a kernel loads (the biggest in-tree ones are tens of MB)."""
+
+
+def _output(build_dir: Path, spec: ModuleSpec, k: Kernel, label: str, conf: Path) -> Path:
+    """What make left for `spec`, checked before anything touches it: a regular file
+    (not a link) inside the build dir, of a sane size, an ELF relocatable kernel module
+    (`.modinfo`, module struct) for the kernel's architecture."""
+    produced = build_dir / spec.built_location / f"{spec.built_name}.ko"
+    where = os.fspath(produced.relative_to(build_dir))
+
+    def refuse(problem: str) -> BuildError:
+        return BuildError(os.fspath(conf), f"{label}: {where} {problem}")
+
+    try:
+        st = produced.lstat()
+    except OSError:
+        raise BuildError(os.fspath(conf), f"{label}: make produced no {where}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise refuse("is not a regular file (a link or a device?): refused")
+    if not produced.resolve().is_relative_to(build_dir.resolve()):
+        raise refuse("lies outside the build dir (a linked directory?): refused")
+    if st.st_size > MAX_MODULE_BYTES:
+        raise refuse(f"is larger than {MAX_MODULE_BYTES >> 20} MB: refused")
+    try:
+        info = modfile.read(produced)
+    except KmoddError as err:
+        raise refuse(f"is not a kernel module ({getattr(err, 'problem', err)})") from None
+    if k.arch and info.arch != k.arch:
+        raise refuse(f"is built for {info.arch}, not {k.arch}")
+    return produced
 
 
 def _hook(script: str | None, build_dir: Path, step: Step) -> None:

@@ -11,6 +11,8 @@ without the service runs them here, in the same order (`run_here`).
 
 from __future__ import annotations
 
+import threading
+
 from kmodd.act import manage
 from kmodd.act.autoinstall import Options, autoinstall
 from kmodd.act.outcome import Outcome
@@ -38,9 +40,12 @@ def before(root: Root, request: Request) -> list[Request]:
     ]
 
 
-def perform(root: Root, request: Request, jobs: int) -> list[Outcome]:
-    """The request's own work, under the writers' lock."""
-    options = Options(jobs=jobs, initrd=request.initrd, avoid_kernels=request.avoid)
+def perform(
+    root: Root, request: Request, jobs: int, cancel: threading.Event | None = None
+) -> list[Outcome]:
+    """The request's own work, under the writers' lock; `cancel` set stops its builds
+    (CancelledError), leaving what they would have replaced in place."""
+    options = Options(jobs=jobs, initrd=request.initrd, avoid_kernels=request.avoid, cancel=cancel)
     if request.verb is Verb.AUTOINSTALL:
         return autoinstall(root, request.kernel, options)
     if request.verb is Verb.INSTALL:
@@ -66,13 +71,15 @@ def after(request: Request, outcomes: list[Outcome]) -> list[Request]:
     return [Request(Verb.INSTALL, other, name, request.initrd) for other, name in taken]
 
 
-def run_here(root: Root, request: Request, jobs: int) -> list[Outcome]:
+def run_here(
+    root: Root, request: Request, jobs: int, cancel: threading.Event | None = None
+) -> list[Outcome]:
     """Without the service: `before`, the request, `after`, one after another."""
     outcomes: list[Outcome] = []
     for first in before(root, request):
-        outcomes += perform(root, first, jobs)
-    mine = perform(root, request, jobs)
+        outcomes += perform(root, first, jobs, cancel)
+    mine = perform(root, request, jobs, cancel)
     outcomes += mine
     for then in after(request, mine):
-        outcomes += perform(root, then, jobs)
+        outcomes += perform(root, then, jobs, cancel)
     return outcomes

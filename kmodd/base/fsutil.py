@@ -68,10 +68,3 @@ def _rmdir(directory: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def clean_temporaries(directory: Path) -> None:
-    """Remove the `.NAME.*.tmp` files an interrupted atomic write left behind."""
-    if directory.is_dir():
-        for leftover in directory.rglob(".*.tmp"):
-            leftover.unlink(missing_ok=True)

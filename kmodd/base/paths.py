@@ -94,5 +94,10 @@ class Root:
         return self.path("/var/lib/kmodd")
 
     @property
+    def work_dir(self) -> Path:
+        """Private copies for builds and dkms.conf evaluations (cleared after a crash)."""
+        return self.state_dir / "work"
+
+    @property
     def config_file(self) -> Path:
         return self.path("/etc/kmodd/kmodd.conf")

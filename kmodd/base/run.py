@@ -4,12 +4,12 @@
 explicit environment, the command logged at debug as `+ cmd`, and failures raised as
 `CommandError` carrying the command, how it ended and the tail of its stderr.
 
-Every command runs in a process group of its own, killed as a whole when it times out,
-is cancelled, or when kmodd is told to stop (`terminate_all`), and once more after it
-exits, so no helper it started lingers in that group. Its output goes to unnamed
-temporary files, not pipes: a daemon that inherited them and lives on cannot keep
-kmodd waiting for an end of file, and only so much of it is ever read back
-(`max_output`).
+Every command runs in a process group of its own, killed as a whole when it times out
+or is cancelled (its `cancel` event set), and once more after it exits, so no helper
+it started lingers in that group; `terminate_all` kills every group still running.
+Its output goes to unnamed temporary files, not pipes: a daemon that inherited them
+and lives on cannot keep kmodd waiting for an end of file, and only so much of it is
+ever read back (`max_output`).
 """
 
 from __future__ import annotations
@@ -43,12 +43,10 @@ _POLL = 0.1
 _running: set[int] = set()
 """Process groups started and not yet reaped: what `terminate_all` kills."""
 _lock = threading.Lock()
-_stopping = threading.Event()
 
 
 def terminate_all() -> None:
-    """Kill every process group `run` has started, and start no more (kmodd stops)."""
-    _stopping.set()
+    """Kill every process group `run` has started and not yet reaped (kmodd stops)."""
     with _lock:
         groups = list(_running)
     for pgid in groups:
@@ -104,8 +102,8 @@ def _run(
     stderr: IO[bytes],
     cancel: threading.Event | None,
 ) -> int:
-    if _stopping.is_set():
-        raise CancelledError(f"{args[0]} not started: kmodd is stopping")
+    if cancel is not None and cancel.is_set():
+        raise CancelledError(f"{args[0]} not started: cancelled")
     with contextlib.ExitStack() as stack:
         stdin: int | IO[bytes] = subprocess.DEVNULL
         if input is not None:
@@ -151,7 +149,7 @@ def _wait(
             return proc.wait(_POLL)
         except subprocess.TimeoutExpired:
             pass
-        if (cancel is not None and cancel.is_set()) or _stopping.is_set():
+        if cancel is not None and cancel.is_set():
             _kill(proc.pid)
             raise CancelledError(f"{args[0]} was stopped: cancelled")
         if deadline is not None and time.monotonic() >= deadline:

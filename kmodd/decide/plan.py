@@ -68,7 +68,7 @@ def evaluate_for(root: Root, source: SourceDir, k: kernel.Kernel) -> SourceConfi
         kernel=k.release,
         arch=k.arch or "unknown",
         kernel_source_dir=k.build_dir or k.modules_dir / "build",
-        dkms_tree=root.state_dir / "work" / "plan",
+        dkms_tree=root.work_dir / "plan",
     )
 
 

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -14,12 +16,19 @@ from functools import partial
 from pathlib import Path
 
 from kmodd import __version__
-from kmodd.act import devices, initrd, manage, perform
+from kmodd.act import devices, initrd, manage, perform, recover
 from kmodd.act.autoinstall import Options
 from kmodd.act.outcome import Outcome
 from kmodd.act.request import Request, Verb
 from kmodd.base import log
-from kmodd.base.errors import EXIT_CODES, BuildError, KmoddError, NotFoundError, UsageError
+from kmodd.base.errors import (
+    EXIT_CODES,
+    BuildError,
+    CancelledError,
+    KmoddError,
+    NotFoundError,
+    UsageError,
+)
 from kmodd.base.paths import Root
 from kmodd.decide import plan, reuse
 from kmodd.edges import dbus
@@ -74,7 +83,8 @@ def _submit(args: argparse.Namespace, root: Root, requests: list[Request]) -> in
             job = client.submit(request)
             code = _via_service(client, request.kernel, job, args.timeout)
         else:
-            code = _in_process(root, partial(perform.run_here, root, request, _jobs(args)))
+            work = partial(perform.run_here, root, request, _jobs(args), _INTERRUPTED)
+            code = _in_process(root, work)
         worst = max(worst, code)
     return worst
 
@@ -107,7 +117,11 @@ def _down(root: Root, what: str) -> None:
 
 
 def _in_process(root: Root, work: Callable[[], list[Outcome]]) -> int:
-    """Run changing work here, under the writers' lock the service also takes."""
+    """Run changing work here, under the writers' lock the service also takes. Ctrl-C
+    or SIGTERM meanwhile stops its builds (their process groups are killed) and ends it
+    with what they would have replaced still in place."""
+    global _WORKING
+    _WORKING = True
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(store.lock(root, wait=False))
@@ -118,6 +132,7 @@ def _in_process(root: Root, work: Callable[[], list[Outcome]]) -> int:
                 f"{err}: the kmodd service is running; this command runs only while it is"
                 " stopped (systemctl stop kmodd)"
             ) from None
+        recover.clean_litter(root)
         return _report(work())
 
 
@@ -268,6 +283,17 @@ def _plan(args: argparse.Namespace, root: Root) -> int:
     return 0
 
 
+def _cancel(args: argparse.Namespace, root: Root) -> int:
+    client = _service(root)
+    if client is None:
+        raise NotFoundError(f"the kmodd service is not running for {root.prefix}: no jobs")
+    with client:
+        if not client.cancel(args.job):
+            raise NotFoundError(f"job {args.job} is neither queued nor running")
+    print(f"job {args.job}: cancelled (a running build is stopped within seconds)")
+    return 0
+
+
 def _wait(args: argparse.Namespace, root: Root) -> int:
     release = _kernel_or_running(args)
     client = _service(root)
@@ -405,6 +431,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
     p.set_defaults(func=_drivers)
 
+    p = sub.add_parser("cancel", help="cancel a queued job of the service, or stop a running one")
+    p.add_argument("job", type=int, metavar="JOB")
+    p.set_defaults(func=_cancel)
+
     p = sub.add_parser("wait", help="block until a kernel's modules are in place")
     p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
     p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
@@ -418,9 +448,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_INTERRUPTED = threading.Event()
+"""Set by SIGINT or SIGTERM: in-process builds stop (their commands are killed)."""
+_SIGNALS: list[int] = []
+_WORKING = False
+"""In-process work runs: a signal stops it through `_INTERRUPTED`, not by raising."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _SIGNALS.append(signum)
+    _INTERRUPTED.set()
+    if not _WORKING:
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
     log.configure(debug=args.debug, level=20 if args.verbose else 30)
     root = Root.at(args.root or os.environ.get("KMODD_ROOT") or "/")
     func: Command = args.func
@@ -430,9 +476,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"kmodctl: {err}", file=sys.stderr)
+        if isinstance(err, CancelledError) and _SIGNALS:
+            return 128 + _SIGNALS[0]
         return err.exit_code
     except KeyboardInterrupt:
-        return 130
+        return 128 + (_SIGNALS[0] if _SIGNALS else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import structlog
 
 from kmodd import __version__
+from kmodd.act import recover
 from kmodd.base import log, run
 from kmodd.base.errors import KmoddError
 from kmodd.base.paths import Root
@@ -56,6 +57,7 @@ async def serve(root: Root, concurrency: int) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    recover.clean_litter(root)  # under the writers' lock, before any job runs
     service = Service(root, concurrency=concurrency, running_kernel=os.uname().release)
     bus = await dbus.serve(service)
     watcher = Watcher(root, lambda event: _on_event(service, event), loop=loop)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ import structlog
 from kmodd.act import manage, perform
 from kmodd.act.outcome import Outcome
 from kmodd.act.request import ANY_KERNEL, Request, Verb
-from kmodd.base.errors import KmoddError, NotFoundError
+from kmodd.base.errors import CancelledError, KmoddError, NotFoundError
 from kmodd.base.paths import Root
 from kmodd.decide.plan import Decision, plan_for
 from kmodd.service.jobs import Job, JobQueue, JobState, Priority
@@ -52,6 +53,7 @@ class Service:
         self._wake = asyncio.Event()
         self._ready: dict[str, asyncio.Event] = {}
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._cancels: dict[int, threading.Event] = {}
         self._busy: list[str] = []
         self._scheduler: asyncio.Task[None] | None = None
         self._stopping = False
@@ -67,12 +69,18 @@ class Service:
         self._scheduler = asyncio.create_task(self._schedule())
         self._update_busy()
 
-    async def stop(self) -> None:
-        """Stop taking jobs; running ones are left `running` in the store, and so run
-        again at the next start (their files are old or new, never half-written)."""
+    async def stop(self, grace: float = 15.0) -> None:
+        """Stop taking jobs and stop the running ones (their builds are killed within
+        `grace` seconds); they are left `running` in the store, and so run again at the
+        next start (their files are old or new, never half-written)."""
         self._stopping = True
         if self._scheduler:
             self._scheduler.cancel()
+        for event in list(self._cancels.values()):
+            event.set()
+        running = list(self._running.values())
+        if running:
+            await asyncio.wait(running, timeout=grace)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.queue.close()
 
@@ -112,6 +120,12 @@ class Service:
         return self.submit(Request(Verb.FORGET_SOURCE, ANY_KERNEL, source))
 
     def cancel(self, job_id: int) -> Job | None:
+        """Cancel a queued job, or stop a running one (its builds are killed, what they
+        would have replaced stays; the job ends `cancelled`). None: no such active job."""
+        running = self._cancels.get(job_id)
+        if running is not None:
+            running.set()
+            return self.queue.find(job_id)
         job = self.queue.cancel(job_id)
         if job:
             self._changed(job)
@@ -190,8 +204,15 @@ class Service:
     async def _run(self, job: Job) -> None:
         structlog.contextvars.bind_contextvars(job=job.id, kver=job.kernel)
         loop = asyncio.get_running_loop()
+        cancel = self._cancels.setdefault(job.id, threading.Event())
         try:
-            outcomes = await loop.run_in_executor(self._pool, self._execute, job)
+            outcomes = await loop.run_in_executor(self._pool, self._execute, job, cancel)
+        except CancelledError as err:
+            if self._stopping:  # left `running`: the next start runs it again
+                log.info("job stopped with the service", job=job.id)
+                self._running.pop(job.id, None)
+                return
+            job = self.queue.finish(job, JobState.CANCELLED, str(err))
         except KmoddError as err:
             job = self.queue.finish(job, JobState.FAILED, str(err))
         except Exception as err:  # a job's bug must not stop the service
@@ -207,12 +228,13 @@ class Service:
                 self._enqueue(then)  # its own job, its own priority
         finally:
             self._running.pop(job.id, None)
+            self._cancels.pop(job.id, None)
             self._wake.set()
         self._changed(job)
         self._kernel_maybe_ready(job.kernel)
 
-    def _execute(self, job: Job) -> list[Outcome]:
-        return perform.perform(self.root, job.request, self.build_jobs)
+    def _execute(self, job: Job, cancel: threading.Event) -> list[Outcome]:
+        return perform.perform(self.root, job.request, self.build_jobs, cancel)
 
     # events --------------------------------------------------------------------------------
 

@@ -1,0 +1,48 @@
+"""After a crash (kill -9, power loss): what the interrupted run left on disk goes
+before the next run starts, while it holds the writers' lock, so nothing of another
+run is touched. Only files: a process kmodd did not start itself is never killed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import structlog
+
+from kmodd.base.paths import Root
+
+log = structlog.get_logger(__name__)
+
+_TREES = ("updates", "extra", "weak-updates")
+"""Where kmodd writes in a kernel's module dir (atomic writes leave `.NAME.*.tmp`)."""
+
+
+def clean_litter(root: Root) -> list[Path]:
+    """Remove the work dirs and half-written temporaries of runs that did not finish;
+    the paths removed (logged)."""
+    removed: list[Path] = []
+    work = root.work_dir
+    if work.is_dir():
+        for leftover in sorted(work.iterdir()):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    dirs = [root.state_dir]
+    for modules in root.modules_dirs:
+        if modules.is_dir():
+            dirs += [k / tree for k in modules.iterdir() for tree in _TREES]
+    for directory in dirs:
+        if not directory.is_dir() or directory.is_symlink():
+            continue
+        for parent, _, files in os.walk(directory):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    path = Path(parent, name)
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    if removed:
+        log.info("removed what an interrupted run left", paths=[os.fspath(p) for p in removed])
+    return removed
