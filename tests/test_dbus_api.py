@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import sqlite3
 import time
@@ -411,3 +412,28 @@ def test_errors_come_back_as_their_classes() -> None:
     assert type(from_dbus_error("org.freedesktop.DBus.Error.AccessDenied", "policy")) is (
         AccessDeniedError
     )
+
+
+def test_plan_for_anyone_comes_from_a_cache_refreshed_when_a_source_changes(
+    tmp_path: Path,
+) -> None:
+    """Unprivileged callers cannot make root evaluate every dkms.conf once per Plan:
+    the answer is cached until a source, the settings or the kernel change."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    counter = tmp_path / "evaluations"
+    src = write_source(root, "kmt-base")
+    conf = src / "dkms.conf"
+    conf.write_text(conf.read_text() + f"echo evaluated >> {counter}\n")
+    with (
+        system_bus(tmp_path / "bus") as bus,
+        running_service(bus, root, tmp_path / "kmodd.log") as server,
+        as_other_user() as other,
+    ):
+        answers = [other.call(bus, "plan", K113) for _ in range(5)]
+        assert all(a.get("result") == answers[0]["result"] for a in answers), answers
+        assert counter.read_text().count("evaluated") == 1, server.output()
+        conf.write_text(conf.read_text() + "# changed\n")
+        os.utime(conf, ns=(time.time_ns(), time.time_ns() + 10**9))
+        assert other.call(bus, "plan", K113)["result"] == answers[0]["result"]
+        assert counter.read_text().count("evaluated") == 2

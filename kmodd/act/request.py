@@ -16,13 +16,14 @@ from enum import StrEnum
 from typing import Any
 
 from kmodd.base.errors import UsageError
+from kmodd.world.dkmsconf import NAME_RE, VERSION_RE
 
 MAX_RELEASE = 200
 """Longer than any kernel release (`uname -r` is at most 64 bytes)."""
 MAX_SOURCE = 300
 MAX_AVOID = 64
 _RELEASE = re.compile(r"[A-Za-z0-9._+~-]+")
-_SOURCE = re.compile(r"[A-Za-z0-9._+~@-]+(/[A-Za-z0-9._+~:@-]+)?")
+_SOURCE = re.compile(f"{NAME_RE.pattern}(/{VERSION_RE.pattern})?")
 
 
 class Verb(StrEnum):

@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import structlog
 
@@ -54,6 +55,10 @@ class Service:
         self._ready: dict[str, asyncio.Event] = {}
         self._running: dict[int, asyncio.Task[None]] = {}
         self._cancels: dict[int, threading.Event] = {}
+        self._plans: dict[str, tuple[object, list[Decision]]] = {}
+        self._plan_lock = threading.Lock()
+        self._generation = 0
+        """Bumped whenever a job changes state: cached plans are then stale."""
         self._busy: list[str] = []
         self._scheduler: asyncio.Task[None] | None = None
         self._stopping = False
@@ -91,7 +96,18 @@ class Service:
             return report.status(self.root, db, name=module or None, release=release or None)
 
     def plan(self, release: str) -> list[Decision]:
-        return plan_for(self.root, release)
+        """`plan_for`, from a cache refreshed when a job changes something or a source,
+        an override, the settings or the kernel's exports change: callers (anyone may
+        ask) never make root evaluate every dkms.conf once per call, and one computes
+        while the others wait for its answer."""
+        with self._plan_lock:
+            key = (self._generation, _plan_inputs(self.root, release))
+            held = self._plans.get(release)
+            if held is not None and held[0] == key:
+                return held[1]
+            decisions = plan_for(self.root, release)
+            self._plans[release] = (key, decisions)
+            return decisions
 
     def submit(self, request: Request) -> Job:
         """Queue `request` (checked first: its kernel and source exist), after the
@@ -239,6 +255,7 @@ class Service:
     # events --------------------------------------------------------------------------------
 
     def _changed(self, job: Job) -> None:
+        self._generation += 1
         log.info(
             "job",
             id=job.id,
@@ -266,6 +283,33 @@ class Service:
             self._busy = busy
             for listener in self.on_busy:
                 listener(busy)
+
+
+def _plan_inputs(root: Root, release: str) -> tuple[object, ...]:
+    """What a plan for `release` is made of, as cheap stats: each source's dkms.conf,
+    the overrides, kmodd's settings, the kernel's exports and its modules dir."""
+
+    def stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    sources = root.usr_src
+    confs = (
+        tuple((e.name, stamp(e / "dkms.conf")) for e in sorted(sources.iterdir()))
+        if sources.is_dir()
+        else ()
+    )
+    moddir = root.path(f"/lib/modules/{release}")
+    return (
+        confs,
+        stamp(root.dkms_overrides),
+        stamp(root.config_file),
+        stamp(moddir),
+        stamp(root.resolve(moddir / "build") / "Module.symvers"),
+    )
 
 
 def default_kernel(root: Root) -> str | None:

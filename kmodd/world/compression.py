@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import lzma
+import os
+import stat
 import zlib
 from enum import StrEnum
 from pathlib import Path
@@ -27,31 +30,71 @@ class Compression(StrEnum):
         return cls.NONE
 
 
-def read_bytes(path: Path) -> bytes:
-    """The decompressed content of `path`; a corrupt stream is a BadInputError."""
+MAX_BYTES = 256 * 1024 * 1024
+"""The most kmodd reads of one file, before and after decompression: more than any
+module or Module.symvers a kernel has (tens of MB); an xz bomb stops here."""
+
+
+def read_bytes(path: Path, limit: int = MAX_BYTES) -> bytes:
+    """The decompressed content of `path`, a regular file (a FIFO or a device is refused
+    without blocking on it) of at most `limit` bytes, decompressed too; a corrupt
+    stream is a BadInputError."""
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError as err:
         raise NotFoundError("no such file", path) from err
-    except IsADirectoryError as err:
-        raise BadInputError(path, "is a directory, not a file") from err
     except OSError as err:
         raise BadInputError(path, f"cannot read: {err.strerror}") from err
-    return decompress(path, raw)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise BadInputError(path, "is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise BadInputError(path, "is not a regular file (a FIFO, socket or device?)")
+        if st.st_size > limit:
+            raise BadInputError(path, f"is larger than {limit >> 20} MB")
+        try:
+            raw = f.read(limit + 1)
+        except OSError as err:
+            raise BadInputError(path, f"cannot read: {err.strerror}") from err
+    return decompress(path, raw, limit)
 
 
-def decompress(path: Path, raw: bytes) -> bytes:
+def decompress(path: Path, raw: bytes, limit: int = MAX_BYTES) -> bytes:
+    """`raw` decompressed by `path`'s suffix, at most `limit` bytes of it."""
     kind = Compression.of(path)
     try:
         if kind is Compression.GZIP:
-            return gzip.decompress(raw)
-        if kind is Compression.XZ:
-            return lzma.decompress(raw)
-        if kind is Compression.ZSTD:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+            gz = zlib.decompressobj(wbits=31)
+            out, ended = gz.decompress(raw, limit + 1), gz.eof
+        elif kind is Compression.XZ:
+            xz = lzma.LZMADecompressor()
+            out, ended = xz.decompress(raw, limit + 1), xz.eof
+        elif kind is Compression.ZSTD:
+            out, ended = _unzstd(raw, limit + 1)
+        else:
+            return raw
     except (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as err:
         raise BadInputError(path, f"corrupt {kind.value[1:]} data: {err}") from err
-    return raw
+    if len(out) > limit:
+        raise BadInputError(path, f"decompresses to more than {limit >> 20} MB")
+    if not ended:
+        raise BadInputError(path, f"corrupt {kind.value[1:]} data: the stream is cut short")
+    return out
+
+
+def _unzstd(raw: bytes, most: int) -> tuple[bytes, bool]:
+    """At most `most` bytes of the zstd stream `raw`, and whether it ended there."""
+    chunks: list[bytes] = []
+    size = 0
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+        while size < most:
+            chunk = reader.read(min(1 << 20, most - size))
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks), False
 
 
 def compress(kind: Compression, data: bytes) -> bytes:

@@ -58,6 +58,9 @@ _POSIX_CLASSES = {
     "blank": r" \t",
     "punct": re.escape(string.punctuation),
 }
+NAME_RE = re.compile(r"[A-Za-z0-9._+~@-]+")
+"""What a module source's name may hold: no space, no newline, no slash."""
+VERSION_RE = re.compile(r"[A-Za-z0-9._+~:@-]+")
 _MAX_DUMP = 4 * 1024 * 1024
 """What evaluating a dkms.conf may print: its directives, many times over."""
 
@@ -200,6 +203,10 @@ def find_sources(root: Root) -> list[SourceDir]:
     for entry in sorted(base.iterdir()):
         if (entry / "dkms.conf").is_file():
             name, version = _split_dir_name(entry.name, entry / "dkms.conf")
+            if not (NAME_RE.fullmatch(name) and VERSION_RE.fullmatch(version)):
+                log.warning("source skipped: its name or version holds characters DKMS "
+                            "names cannot", path=repr(os.fspath(entry))[:200])  # fmt: skip
+                continue
             found.append(SourceDir(name, version, entry))
     return found
 
@@ -332,6 +339,9 @@ def _build(c: _Conf, *, kernel: str, arch: str) -> SourceConfig:
             raise c.error(directive, "missing")
         if "/" in value or value in (".", ".."):
             raise c.error(directive, f"{value!r} cannot be a directory name")
+        allowed = NAME_RE if directive == "PACKAGE_NAME" else VERSION_RE
+        if len(value) > 100 or not allowed.fullmatch(value):
+            raise c.error(directive, f"{value[:100]!r} holds characters a {directive} cannot")
     regexes: list[tuple[str, int | None]] = [("BUILD_EXCLUSIVE_KERNEL", None)]
     regexes += [
         ("BUILD_EXCLUSIVE_ARCH", None),

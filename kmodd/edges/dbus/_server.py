@@ -32,8 +32,8 @@ from dbus_next.service import ServiceInterface
 from dbus_next.signature import SignatureTree, Variant
 
 from kmodd import __version__
-from kmodd.act.request import Request, check_release
-from kmodd.base.errors import AccessDeniedError, KmoddError, UsageError
+from kmodd.act.request import Request, check_release, check_source
+from kmodd.base.errors import AccessDeniedError, KmoddError, NotFoundError, UsageError
 from kmodd.edges.dbus._common import (
     BUS_NAME,
     INTERFACE,
@@ -111,6 +111,13 @@ def _release_arg(kernel: str) -> str:
     return check_release(kernel)
 
 
+def _job_arg(job: int) -> int:
+    """Job ids are SQLite rowids: 1 to 2^63 - 1."""
+    if not 0 < job < 2**63:
+        raise NotFoundError(f"no job {job}")
+    return job
+
+
 class Manager(ServiceInterface):
     """io.kmodd1.Manager: a thin exporter of Service."""
 
@@ -122,6 +129,10 @@ class Manager(ServiceInterface):
 
     @call("aa{ss}", module="s", kernel="s")
     async def Status(self, module: str, kernel: str) -> list[dict[str, str]]:
+        if module:
+            check_source(module)
+        if kernel:
+            check_release(kernel)
         lines = await _in_thread(self._service.status, module or None, kernel or None)
         return [line_dict(line) for line in lines]
 
@@ -134,12 +145,12 @@ class Manager(ServiceInterface):
     async def Wait(self, kernel: str, timeout: float) -> list[Any]:
         if not (math.isfinite(timeout) and 0 <= timeout <= _MAX_WAIT):
             raise UsageError(f"timeout must be 0 to {_MAX_WAIT:.0f} seconds, not {timeout}")
-        done, jobs = await self._service.wait(kernel, timeout)
+        done, jobs = await self._service.wait(check_release(kernel), timeout)
         return [done, [job_dict(j) for j in jobs]]
 
     @call("s", job="t")
     def GetLog(self, job: int) -> str:
-        return self._service.log(job)
+        return self._service.log(_job_arg(job))
 
     @call("aa{ss}")
     def Jobs(self) -> list[dict[str, str]]:
@@ -155,7 +166,7 @@ class Manager(ServiceInterface):
 
     @call("b", root_only=True, job="t")
     def Cancel(self, job: int) -> bool:
-        return self._service.cancel(job) is not None
+        return self._service.cancel(_job_arg(job)) is not None
 
     # signals and properties --------------------------------------------------------------------
 
