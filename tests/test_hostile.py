@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import K113, install_headers
+from tests.conftest import K113, install_headers, require
 
 TOP = Path(__file__).resolve().parent.parent
 
@@ -98,3 +98,36 @@ def test_a_newline_in_package_name_cannot_forge_a_status_line(root: Path) -> Non
     status = kmodctl(root, "status")
     (line,) = status.stdout.splitlines()  # the name's newline is shown escaped, in one line
     assert line.startswith(f"kmt-evil/1.0, {K113}, x86_64: failed ("), line
+
+
+def test_a_mistyped_root_is_refused_and_left_uncreated(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-root"
+    for args in (["status"], ["autoinstall", "-k", K113], ["plan", "-k", K113]):
+        proc = kmodctl(missing, *args)
+        assert proc.returncode == 2, proc.stderr
+        assert one_line(proc) == f"kmodctl: {missing}: no such directory to use as the root"
+    assert not missing.exists()
+
+
+def test_remove_kernel_of_a_kernel_nobody_knows_is_not_found(root: Path) -> None:
+    proc = kmodctl(root, "remove-kernel", "9.9.9-garbage")
+    assert proc.returncode == 4
+    assert one_line(proc) == "kmodctl: kmodd knows no kernel 9.9.9-garbage: nothing to remove"
+    proc = kmodctl(root, "remove-kernel", "../../etc")
+    assert proc.returncode == 2
+    assert one_line(proc) == "kmodctl: '../../etc' is not a kernel release"
+
+
+def test_a_read_only_state_dir_is_one_line_naming_it(root: Path, tmp_path: Path) -> None:
+    """A state dir on a read-only mount (root's permissions do not stop root)."""
+    state = root / "var/lib/kmodd"
+    state.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", state, state], check=False)
+    require("a read-only bind mount (mount --bind -o ro, as root)", mounted.returncode == 0)
+    try:
+        proc = kmodctl(root, "autoinstall", "-k", K113, "--no-initrd")
+        assert proc.returncode == 5, proc.stderr
+        line = one_line(proc)
+        assert line.startswith(f"kmodctl: {state}/") and "Read-only file system" in line, line
+    finally:
+        subprocess.run(["umount", state], check=True)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -191,7 +192,12 @@ def _uninstall(args: argparse.Namespace, root: Root) -> int:
 
 
 def _remove_kernel(args: argparse.Namespace, root: Root) -> int:
-    return _submit(args, root, [_request(args, Verb.REMOVE_KERNEL, args.release)])
+    request = _request(args, Verb.REMOVE_KERNEL, args.release)
+    with Store.open(root, readonly=True) as db:
+        known = bool(db.records(kernel=args.release))
+    if not known and args.release not in kernel.installed_releases(root):
+        raise NotFoundError(f"kmodd knows no kernel {args.release}: nothing to remove")
+    return _submit(args, root, [request])
 
 
 def _adopt(args: argparse.Namespace, root: Root) -> int:
@@ -468,19 +474,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     log.configure(debug=args.debug, level=20 if args.verbose else 30)
-    root = Root.at(args.root or os.environ.get("KMODD_ROOT") or "/")
     func: Command = args.func
     try:
+        root = Root.at(args.root or os.environ.get("KMODD_ROOT") or "/")
+        if not root.prefix.is_dir():
+            raise UsageError(f"{root.prefix}: no such directory to use as the root")
         return func(args, root)
     except KmoddError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"kmodctl: {err}", file=sys.stderr)
-        if isinstance(err, CancelledError) and _SIGNALS:
-            return 128 + _SIGNALS[0]
-        return err.exit_code
+        return _failed(args, err, err.exit_code)
     except KeyboardInterrupt:
         return 128 + (_SIGNALS[0] if _SIGNALS else signal.SIGINT)
+    except MemoryError as err:
+        return _failed(args, err, 5, "out of memory")
+    except OSError as err:  # a disk full or read-only, named
+        where = f"{err.filename}: " if err.filename else ""
+        return _failed(args, err, 5, f"{where}{err.strerror or err}")
+    except sqlite3.Error as err:
+        return _failed(args, err, 5, f"kmodd's state (/var/lib/kmodd/state.db): {err}")
+    except Exception as err:  # noqa: BLE001 - a bug of kmodd's: one line; --debug for more
+        return _failed(args, err, 5, f"internal error: {type(err).__name__}: {err}")
+
+
+def _failed(args: argparse.Namespace, err: BaseException, code: int, text: str = "") -> int:
+    """One line on stderr for `err` (a traceback only with --debug); its exit code."""
+    if args.debug:
+        traceback.print_exception(err)
+    line = " ".join((text or str(err)).split())
+    print(f"kmodctl: {line[:1000]}", file=sys.stderr)
+    if isinstance(err, CancelledError) and _SIGNALS:
+        return 128 + _SIGNALS[0]
+    return code
 
 
 if __name__ == "__main__":
