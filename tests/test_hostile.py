@@ -131,3 +131,34 @@ def test_a_read_only_state_dir_is_one_line_naming_it(root: Path, tmp_path: Path)
         assert line.startswith(f"kmodctl: {state}/") and "Read-only file system" in line, line
     finally:
         subprocess.run(["umount", state], check=True)
+
+
+def test_a_build_link_that_loops_is_no_headers_not_the_hosts(tmp_path: Path) -> None:
+    """`build -> /lib/modules/K/build` points at itself inside the root; followed on
+    this machine it would reach the host's own headers for K (installed here)."""
+    root = tmp_path / "root"
+    moddir = root / "lib/modules" / K113
+    moddir.mkdir(parents=True)
+    (moddir / "build").symlink_to(f"/lib/modules/{K113}/build")
+    require(f"the host's own headers for {K113}", Path(f"/lib/modules/{K113}/build").exists())
+    src = root / "usr/src/kmt-x-1.0"
+    src.mkdir(parents=True)
+    (src / "dkms.conf").write_text(
+        'PACKAGE_NAME="kmt-x"\nPACKAGE_VERSION="1.0"\nBUILT_MODULE_NAME[0]="kmt_x"\n'
+        'DEST_MODULE_LOCATION[0]="/updates"\nAUTOINSTALL="yes"\n'
+    )
+    plan = kmodctl(root, "plan", "-k", K113)
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.startswith(f"kmt-x/1.0, {K113}: waiting-for-headers: no headers"), plan.stdout
+
+
+def test_a_symvers_linked_to_a_host_file_is_read_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    install_headers(root, K113)
+    symvers = root / f"usr/src/linux-headers-{K113}/Module.symvers"
+    symvers.unlink()
+    symvers.symlink_to("/etc/passwd")  # a host file, were the link followed here
+    proc = kmodctl(root, "check", "-k", K113)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    line = one_line(proc)
+    assert "has no exports file" in line and "passwd" not in line, line

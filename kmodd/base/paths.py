@@ -11,7 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kmodd.base.errors import BadInputError
+
 _MAX_SYMLINKS = 40
+
+
+class SymlinkLoopError(BadInputError):
+    """A path inside a root whose symlinks never end (a loop, or more than 40)."""
 
 
 @dataclass(frozen=True)
@@ -28,10 +34,12 @@ class Root:
         return self.prefix / (pure.relative_to("/") if pure.is_absolute() else pure)
 
     def resolve(self, path: Path) -> Path:
-        """Resolve every symlink in `path` (a path under the prefix) as a chroot would.
+        """Resolve every symlink in `path` (a path under the prefix) as a chroot would
+        (as openat2's RESOLVE_IN_ROOT does): an absolute target is looked up under the
+        prefix and `..` never climbs above it, so the result never leaves the root.
 
-        The result need not exist; a symlink loop resolves to the looping path.
-        """
+        The result need not exist. A symlink loop is a SymlinkLoopError (following the
+        looping link on this machine could reach outside the root)."""
         try:
             rel = path.relative_to(self.prefix)
         except ValueError:
@@ -48,8 +56,10 @@ class Root:
                     done.pop()
                 continue
             candidate = self.prefix.joinpath(*done, part)
-            if candidate.is_symlink() and hops < _MAX_SYMLINKS:
+            if candidate.is_symlink():
                 hops += 1
+                if hops > _MAX_SYMLINKS:
+                    raise SymlinkLoopError(path, "too many levels of symbolic links in the root")
                 target = PurePosixPath(candidate.readlink())
                 if target.is_absolute():
                     done = []

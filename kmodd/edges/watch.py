@@ -39,7 +39,7 @@ from pathlib import Path
 import structlog
 from watchdog.events import DirDeletedEvent, FileDeletedEvent, FileSystemEvent, FileSystemMovedEvent
 
-from kmodd.base.paths import Root
+from kmodd.base.paths import Root, SymlinkLoopError
 from kmodd.edges.dirwatch import DirWatches
 from kmodd.edges.watch_events import Debouncer, Key, WatchEvent, What
 
@@ -214,9 +214,12 @@ class Watcher:
 
     def _refresh_tops(self) -> None:
         wanted: dict[Path, _TopKind] = {}
-        for path in self._root.modules_dirs:
-            wanted.setdefault(self._root.resolve(path), _TopKind.MODULES)
-        wanted.setdefault(self._root.resolve(self._root.usr_src), _TopKind.SOURCES)
+        for path, kind in [(p, _TopKind.MODULES) for p in self._root.modules_dirs] + [
+            (self._root.usr_src, _TopKind.SOURCES)
+        ]:
+            top = self._inside(path)
+            if top is not None:
+                wanted.setdefault(top, kind)
         wanted = {path: kind for path, kind in wanted.items() if path.is_dir()}
         for top, kind in list(self._tops.items()):
             if wanted.get(top) is kind:
@@ -261,8 +264,8 @@ class Watcher:
             with self._tracking(*keys):
                 self._kernels.pop(key, None)
         with self._tracking(*keys):
-            kdir = self._root.resolve(key)
-            if not kdir.is_dir():
+            kdir = self._inside(key)
+            if kdir is None or not kdir.is_dir():
                 self._kernels.pop(key, None)
                 return
             old = self._kernels.get(key)
@@ -284,17 +287,17 @@ class Watcher:
         build = kernel.kdir / "build"
         if not build.is_symlink() and not build.exists():
             return replace(kernel, headers=None, ready=False)
-        headers = self._root.resolve(build)
-        ready = self._root.resolve(headers / _SYMVERS).is_file()
-        return replace(kernel, headers=headers, ready=ready)
+        headers = self._inside(build)
+        symvers = None if headers is None else self._inside(headers / _SYMVERS)
+        return replace(kernel, headers=headers, ready=symvers is not None and symvers.is_file())
 
     def _scan_source(self, top: Path, name: str, *, gone: bool) -> None:
         if gone:
             with self._tracking((What.SOURCE, name)):
                 self._sources.pop(name, None)
         with self._tracking((What.SOURCE, name)):
-            sdir = self._root.resolve(top / name)
-            if not sdir.is_dir():
+            sdir = self._inside(top / name)
+            if sdir is None or not sdir.is_dir():
                 self._sources.pop(name, None)
                 return
             old = self._sources.get(name)
@@ -312,7 +315,15 @@ class Watcher:
             self._sources[name] = replace(source, conf=self._has_conf(source.sdir))
 
     def _has_conf(self, sdir: Path) -> bool:
-        return self._root.resolve(sdir / _DKMS_CONF).is_file()
+        conf = self._inside(sdir / _DKMS_CONF)
+        return conf is not None and conf.is_file()
+
+    def _inside(self, path: Path) -> Path | None:
+        """`path` resolved inside the root; None for a symlink loop (not there)."""
+        try:
+            return self._root.resolve(path)
+        except SymlinkLoopError:
+            return None
 
     def _refresh_awaits(self) -> None:
         self._refresh_tops()

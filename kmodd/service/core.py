@@ -18,7 +18,7 @@ from kmodd.act import manage, perform
 from kmodd.act.outcome import Outcome
 from kmodd.act.request import ANY_KERNEL, Request, Verb
 from kmodd.base.errors import CancelledError, KmoddError, NotFoundError
-from kmodd.base.paths import Root
+from kmodd.base.paths import Root, SymlinkLoopError
 from kmodd.decide.plan import Decision, plan_for
 from kmodd.service.jobs import Job, JobQueue, JobState, Priority
 from kmodd.state import report
@@ -303,12 +303,16 @@ def _plan_inputs(root: Root, release: str) -> tuple[object, ...]:
         else ()
     )
     moddir = root.path(f"/lib/modules/{release}")
+    try:
+        symvers: tuple[int, int] | None = stamp(root.resolve(moddir / "build") / "Module.symvers")
+    except SymlinkLoopError:
+        symvers = None
     return (
         confs,
         stamp(root.dkms_overrides),
         stamp(root.config_file),
         stamp(moddir),
-        stamp(root.resolve(moddir / "build") / "Module.symvers"),
+        symvers,
     )
 
 

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 
 from kmodd.base.errors import BadInputError, NotFoundError
-from kmodd.base.paths import Root
+from kmodd.base.paths import Root, SymlinkLoopError
 from kmodd.world import modfile, symvers
 from kmodd.world.compression import Compression
 
@@ -42,9 +42,14 @@ class Kernel:
 
     @cached_property
     def build_dir(self) -> Path | None:
-        """The headers (`build` link, resolved inside the root), if they are there."""
-        resolved = self.root.resolve(self.modules_dir / "build")
-        return resolved if (resolved / "Makefile").is_file() else None
+        """The headers (`build` link, resolved inside the root), if they are there; a
+        link that loops is no headers (never the headers it would reach on this host)."""
+        try:
+            resolved = self.root.resolve(self.modules_dir / "build")
+            makefile = self.root.resolve(resolved / "Makefile")
+        except SymlinkLoopError:
+            return None
+        return resolved if makefile.is_file() else None
 
     def exports_candidates(self) -> list[Path]:
         boot = self.root.boot
@@ -59,7 +64,16 @@ class Kernel:
 
     @cached_property
     def exports_path(self) -> Path | None:
-        return next((p for p in self.exports_candidates() if p.is_file()), None)
+        """The first exports file there is, resolved inside the root (a Module.symvers
+        linked to a host file is read as that path inside the root)."""
+        return next((p for p in map(self._inside, self.exports_candidates()) if p), None)
+
+    def _inside(self, path: Path) -> Path | None:
+        try:
+            resolved = self.root.resolve(path)
+        except SymlinkLoopError:
+            return None
+        return resolved if resolved.is_file() else None
 
     def exports(self) -> symvers.Exports:
         path = self.exports_path
@@ -73,7 +87,7 @@ class Kernel:
         candidates = [self.modules_dir / "config", self.root.boot / f"config-{self.release}"]
         if self.build_dir:
             candidates.insert(0, self.build_dir / ".config")
-        return next((p for p in candidates if p.is_file()), None)
+        return next((p for p in map(self._inside, candidates) if p), None)
 
     @cached_property
     def config(self) -> dict[str, str]:
