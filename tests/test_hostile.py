@@ -149,7 +149,9 @@ def test_a_build_link_that_loops_is_no_headers_not_the_hosts(tmp_path: Path) -> 
     )
     plan = kmodctl(root, "plan", "-k", K113)
     assert plan.returncode == 0, plan.stderr
-    assert plan.stdout.startswith(f"kmt-x/1.0, {K113}: waiting-for-headers: no headers"), plan.stdout
+    assert plan.stdout.startswith(f"kmt-x/1.0, {K113}: waiting-for-headers: no headers"), (
+        plan.stdout
+    )
 
 
 def test_a_symvers_linked_to_a_host_file_is_read_inside_the_root(tmp_path: Path) -> None:
