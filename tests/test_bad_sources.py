@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,49 @@ def test_two_sources_claiming_one_module_name_are_a_conflict_not_an_overwrite(
     assert installed.read_bytes() == before, "the winner's module stays"
     again = kmodctl(root, "autoinstall", "-k", K113)
     assert f"kmodd: {winner}/1.0 for {K113}: built (up-to-date)" in again.stdout.splitlines()
+
+
+def test_a_conflict_names_the_version_installed_at_the_end_whatever_finished_first(
+    tmp_path: Path,
+) -> None:
+    """kmt-one 1.0 has kmt_simple installed; kmt-one is upgraded to 2.0 (slow to build)
+    while kmt-two, with a module of the same name, arrives. kmt-two is ready first, but
+    its conflict is with kmt-one/2.0, which has the module when the run is over: never
+    with the 1.0 the same run replaced."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    old = write_source(root, "kmt-one", "1.0", modules=SIMPLE, extra="AUTOINSTALL=yes\n")
+    assert kmodctl(root, "autoinstall", "-k", K113).returncode == 0
+    shutil.rmtree(old)
+    write_source(root, "kmt-one", "2.0", modules=SIMPLE,
+                 extra='AUTOINSTALL=yes\nPRE_BUILD="slow.sh"\n')  # fmt: skip
+    slow = root / "usr/src/kmt-one-2.0/slow.sh"
+    slow.write_text("#!/bin/sh\nsleep 4\n")
+    slow.chmod(0o755)
+    write_source(root, "kmt-two", modules=SIMPLE, extra="AUTOINSTALL=yes\n")
+    proc = kmodctl(root, "autoinstall", "-k", K113, "--jobs", "2")
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    states = {
+        (s["module"], s["version"]): s for s in json.loads(kmodctl(root, "status", "--json").stdout)
+    }
+    assert states[("kmt-one", "2.0")]["state"] == "installed"
+    assert ("kmt-one", "1.0") not in states
+    assert states[("kmt-two", "1.0")]["detail"] == (
+        f"conflict: module kmt_simple is already installed by kmt-one/2.0 for {K113}; "
+        "uninstall one of the two"
+    )
+
+
+def test_a_failed_source_whose_package_went_is_forgotten(tmp_path: Path) -> None:
+    """A source that failed to build is removed (its prerm uninstalls it, then dpkg
+    takes its dir): the next autoinstall no longer shows a failure of what is gone."""
+    require_tool("make")
+    root = make_system(tmp_path / "root", (K113,))
+    src = write_source(root, "kmt-broken", modules=SIMPLE,
+                       extra='AUTOINSTALL=yes\nMAKE="false"\n')  # fmt: skip
+    assert kmodctl(root, "autoinstall", "-k", K113).returncode == 7
+    assert kmodctl(root, "uninstall", "-m", "kmt-broken/1.0", "-k", K113).returncode == 0
+    shutil.rmtree(src)
+    proc = kmodctl(root, "autoinstall", "-k", K113)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(kmodctl(root, "status", "--json").stdout) == []

@@ -7,6 +7,7 @@ A failure is recorded with its log and never stops the other modules.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -68,6 +69,10 @@ class _Run:
         self.relinked: set[str] = set()
         """Other kernels whose weak links this run took away: depmod runs for them too."""
         self.outcomes: list[Outcome] = []
+        self.contested: list[tuple[Decision, builder.BuildResult | None]] = []
+        """Weak links and builds whose module name another source had installed when
+        they were ready: settled once every build of the run is done, so a conflict
+        names the version installed at the end, whatever order the builds finished in."""
 
     @property
     def _pending(self) -> Path:
@@ -80,6 +85,7 @@ class _Run:
             self.changed = True
             self.remake_initrd = self._pending.read_text().strip() == "initrd"
         sources = dkmsconf.find_sources(self.root)
+        self._forget_gone(sources)
         added = {
             (s.name, s.version)
             for s in sources
@@ -108,6 +114,7 @@ class _Run:
             else:
                 self._note(decision)
         self._build_all(builds)
+        self._settle_contested()
         for other in sorted(self.relinked):
             install.depmod(self.root, other)
         if self.changed:
@@ -118,6 +125,23 @@ class _Run:
         if self.installed_now and self.k.release == os.uname().release:
             devices.load_for_present_devices(self.root, self.installed_now)
         return self.outcomes
+
+    def _forget_gone(self, sources: Sequence[dkmsconf.SourceDir]) -> None:
+        """Records of versions whose dir has left /usr/src and that installed nothing
+        (a failure, a wait, an exclusion) describe nothing left on the machine: they go,
+        with the version's row once no record needs it. A gone version's installed
+        files stay (and its records) until a newer version replaces them or it is
+        uninstalled: a module that works is never taken away because a dir went."""
+        present = {(s.name, s.version) for s in sources}
+        gone: set[tuple[str, str]] = set()
+        for r in self.db.records():
+            if (r.name, r.version) not in present:
+                gone.add((r.name, r.version))
+                if not r.files:
+                    self.db.delete(r.name, r.version, r.kernel)
+        for name, version in sorted(gone):
+            if not any(r.version == version for r in self.db.records(name=name)):
+                self.db.remove_source(name, version)
 
     # one decision at a time -------------------------------------------------------------
 
@@ -156,16 +180,17 @@ class _Run:
 
     def _link(self, d: Decision) -> None:
         assert d.conf is not None
-        conflict = self._claimed_by_another(d, d.weak_files)
-        if conflict:
-            self._failed(d, conflict, None)
+        if self._claimed_by_another(d, d.weak_files):
+            self.contested.append((d, None))
             return
         try:
             self._install_hook(d.conf, "PRE_INSTALL")
         except BuildError as err:
             self._failed(d, err.problem, err.log)
             return
-        old = self.db.record(d.name, d.version, d.kernel)
+        old = self._about_to_write(
+            d, [install.weak_link_path(self.k, d.name, f.name) for f in d.weak_files]
+        )
         links = install.link_weak(self.k, d.name, list(d.weak_files))
         self.installed_now += links
         files = tuple(self.root.outside(p) for p in links)
@@ -326,18 +351,28 @@ class _Run:
     def _finish(self, d: Decision, future: Future[builder.BuildResult]) -> bool:
         try:
             result = future.result()
-            conflict = self._claimed_by_another(d, [m.path for m in result.modules])
-            if conflict:
-                self._failed(d, conflict, result.log)
-                return False
+        except BuildError as err:
+            self._failed(d, err.problem, err.log)
+            return False
+        except (KmoddError, OSError) as err:
+            self._failed(d, str(err), None)
+            return False
+        if self._claimed_by_another(d, [m.path for m in result.modules]):
+            self.contested.append((d, result))
+            return False  # what needs it waits for no outcome that may not come
+        return self._install(d, result)
+
+    def _install(self, d: Decision, result: builder.BuildResult) -> bool:
+        try:
             self._install_hook(result.conf, "PRE_INSTALL")
-            old = self.db.record(d.name, d.version, d.kernel)
+            old = self._about_to_write(d, install.build_targets(self.root, self.k, result))
             paths = install.install_build(self.root, self.k, result)
             files = tuple(self.root.outside(p) for p in paths)
         except BuildError as err:
             self._failed(d, err.problem, err.log)
             return False
         except (KmoddError, OSError) as err:
+            self._owns_only_what_is_there(d)
             self._failed(d, str(err), None)
             return False
         self.installed_now += paths
@@ -357,6 +392,43 @@ class _Run:
         self._said_hook(result.conf, "POST_INSTALL")
         self._say(d, State.INSTALLED, "built and installed", result.log)
         return True
+
+    def _settle_contested(self) -> None:
+        """Each contested module, now every build is done: still claimed by another
+        source, a conflict naming the version that has it; else installed after all."""
+        for d, result in self.contested:
+            conflict = self._claimed_by_another(d, d.weak_files if result is None else
+                                                [m.path for m in result.modules])  # fmt: skip
+            if conflict:
+                self._failed(d, conflict, None if result is None else result.log)
+            elif result is None:
+                self._link(d)
+            else:
+                self._install(d, result)
+
+    def _about_to_write(self, d: Decision, targets: Sequence[Path]) -> Record | None:
+        """Before a file or link is written: the record owns it already (with what
+        it had), so a run killed in between leaves no file that no record owns; the
+        next run finishes or replaces it. Returns the record as it was."""
+        old = self.db.record(d.name, d.version, d.kernel)
+        had = old.files if old else ()
+        self._save(
+            d,
+            State.BUILDING if old is None else old.state,
+            weak_from=old.weak_from if old else None,
+            log=old.log if old else None,
+            detail="installing",
+            files=tuple(dict.fromkeys([*had, *(self.root.outside(t) for t in targets)])),
+            remake_initrd=old.remake_initrd if old else False,
+        )
+        return old
+
+    def _owns_only_what_is_there(self, d: Decision) -> None:
+        """An install that failed half-way: the record keeps the files it has."""
+        now = self.db.record(d.name, d.version, d.kernel)
+        if now is not None:
+            there = tuple(f for f in now.files if os.path.lexists(self.root.path(f)))
+            self.db.put(dataclasses.replace(now, files=there))
 
     def _failed(self, d: Decision, problem: str, logfile: Path | None) -> None:
         self._keep_files(d, State.FAILED, problem, logfile)

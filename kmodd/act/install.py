@@ -38,11 +38,15 @@ def dest_dir(root: Root, k: Kernel, spec: ModuleSpec) -> Path:
     return k.modules_dir.joinpath(top if top in ("updates", "extra") else "updates", *rest)
 
 
+def build_targets(root: Root, k: Kernel, result: BuildResult) -> list[Path]:
+    """Where `install_build` puts each module of `result`, in order."""
+    return [dest_dir(root, k, m.spec) / m.path.name for m in result.modules]
+
+
 def install_build(root: Root, k: Kernel, result: BuildResult) -> list[Path]:
     """Install every module of a build for `k`, replacing older files and weak links."""
     installed = []
-    for module in result.modules:
-        target = dest_dir(root, k, module.spec) / module.path.name
+    for module, target in zip(result.modules, build_targets(root, k, result), strict=True):
         fsutil.atomic_write(target, module.path.read_bytes())
         _remove_other_forms(target)
         fsutil.remove(weak_link_path(k, result.conf.name, module.path.name))
