@@ -10,6 +10,7 @@ PREFIX=/opt/kmodd
 SBIN=/usr/local/sbin
 UNIT=/etc/systemd/system/kmodd.service
 TMPFILES=/etc/tmpfiles.d/kmodd.conf
+SYSUSERS=/usr/lib/sysusers.d/kmodd.conf
 POLICY=/usr/share/dbus-1/system.d/io.kmodd1.conf
 PLUGIN=/etc/kernel/install.d/40-kmodd.install
 HOOKS=(/etc/kernel/postinst.d/40-kmodd /etc/kernel/header_postinst.d/40-kmodd
@@ -41,7 +42,7 @@ stop_service() {
 
 if [[ ${1:-} == --uninstall ]]; then
     stop_service
-    rm -f "$UNIT" "$TMPFILES" "$POLICY" "$PLUGIN" "${HOOKS[@]}" "${INITRD_HOOKS[@]}" \
+    rm -f "$UNIT" "$TMPFILES" "$SYSUSERS" "$POLICY" "$PLUGIN" "${HOOKS[@]}" "${INITRD_HOOKS[@]}" \
         "${MKINITCPIO_HOOKS[@]}" "$SBIN/kmodctl" "$SBIN/kmodd"
     rmdir /usr/lib/dracut/modules.d/90kmodd 2>/dev/null || true
     systemd_running && systemctl daemon-reload || true
@@ -55,7 +56,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    python3-venv dbus kmod make gcc patch binutils xz-utils zstd >/dev/null
+    python3-venv dbus kmod make gcc patch binutils xz-utils zstd bubblewrap >/dev/null
 
 python3 -m venv "$PREFIX"
 "$PREFIX/bin/pip" install --quiet --upgrade pip
@@ -79,6 +80,14 @@ if [[ -e /etc/mkinitcpio.conf ]]; then  # Arch's generator (not packaged by Debi
     install -D -m 0644 initrd/mkinitcpio/kmodd.conf /etc/mkinitcpio.conf.d/kmodd.conf
 fi
 install -d -m 0755 /var/lib/kmodd
+# the unprivileged user package code is built as, in kmodd's sandbox
+install -D -m 0644 systemd/kmodd.sysusers "$SYSUSERS"
+if command -v systemd-sysusers >/dev/null; then
+    systemd-sysusers "$SYSUSERS"
+elif ! id kmodd-build >/dev/null 2>&1; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        --comment "kmodd: builds of kernel module sources" kmodd-build
+fi
 # the modules dir the service writes, there before it starts (see the unit)
 install -D -m 0644 systemd/kmodd.tmpfiles "$TMPFILES"
 if command -v systemd-tmpfiles >/dev/null; then

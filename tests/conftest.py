@@ -82,6 +82,15 @@ def install_headers(root: Path, kver: str, *, full: bool = False) -> Path:
     return moddir
 
 
+@pytest.fixture(autouse=True)
+def _tmp_path_readable_by_the_build_user(request: pytest.FixtureRequest) -> None:
+    """pytest makes each tmp_path 0700; kmodd's sandbox runs package code as the
+    unprivileged build user, which must read a root as it reads a real system's
+    /usr/src and /lib/modules (0755)."""
+    if "tmp_path" in request.fixturenames:
+        request.getfixturevalue("tmp_path").chmod(0o755)
+
+
 @pytest.fixture
 def make_root(tmp_path: Path) -> Callable[..., Path]:
     """`make_root(K111, K113, full=False)` → a temporary root with those kernels."""

@@ -411,6 +411,23 @@ except KmoddError as err:
                       "dbus_name": err.dbus_name, "text": str(err)}))
 """
 
+_RAW = """
+import json, sys
+from dbus_next.signature import Variant
+from kmodd.edges.dbus import Client
+from kmodd.base.errors import KmoddError
+member, signature, body = json.load(sys.stdin)
+if signature == "a{sv}":
+    body = [{k: Variant(*v) for k, v in body[0].items()}]
+client = Client.connect()
+try:
+    result = client._call(member, signature, *body)
+    print(json.dumps({"connected": True, "result": result}))
+except KmoddError as err:
+    print(json.dumps({"connected": True, "error": type(err).__name__,
+                      "dbus_name": err.dbus_name, "text": str(err)[:10000]}))
+"""
+
 _SERVE_AS = """
 import asyncio, json, sys, types
 from kmodd.base import log
@@ -440,15 +457,22 @@ class OtherUser:
     def call(self, bus: Bus, name: str, *args: Any) -> dict[str, Any]:
         return self._run(bus, [*self.argv, "-c", _CLIENT, name, json.dumps(args)])
 
+    def call_raw(self, bus: Bus, member: str, signature: str, body: list[Any]) -> dict[str, Any]:
+        """One call of `member` with `body` as it is (the arguments go by stdin: they
+        may be larger than a command line takes)."""
+        doc = json.dumps([member, signature, body])
+        return self._run(bus, [*self.argv, "-c", _RAW], stdin=doc)
+
     def serve(self, bus: Bus) -> dict[str, Any]:
         """Try to take io.kmodd1 as this user."""
         return self._run(bus, [*self.argv, "-c", _SERVE_AS])
 
-    def _run(self, bus: Bus, argv: list[str]) -> dict[str, Any]:
+    def _run(self, bus: Bus, argv: list[str], stdin: str = "") -> dict[str, Any]:
         env = {**self.env, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
         proc = subprocess.run(
-            argv, env=env, cwd="/", capture_output=True, text=True, timeout=60, check=False
-        )
+            argv, env=env, cwd="/", input=stdin, capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         doc: dict[str, Any] = json.loads(proc.stdout)
         doc["stderr"] = proc.stderr

@@ -4,7 +4,6 @@ process of it behind and never leave its source `building`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,42 +20,35 @@ from kmodd.edges.dbus import Client
 from kmodd.service.jobs import JobQueue, JobState
 from tests.conftest import K113
 from tests.dbus_harness import running_service, system_bus
+from tests.procs import all_gone, running
 from tests.sources import write_source
 from tests.test_autoinstall import make_system
 
 TOP = Path(__file__).resolve().parent.parent
 
 
-def slow_source(root: Path, pidfile: Path) -> None:
-    """A source whose make runs for ten minutes, with a child, saying its pids."""
+SLOW = "sleep 600"
+"""What the slow source's make runs (a child of it): found on this machine by its
+command line, since the build's own pids are its sandbox's."""
+
+
+def slow_source(root: Path) -> None:
+    """A source whose make runs for ten minutes, with a child."""
     src = write_source(root, "kmt-slow", modules=("kmt_simple",),
                        extra='AUTOINSTALL="yes"\nMAKE[0]="bash ./slow.sh"\n')  # fmt: skip
-    (src / "slow.sh").write_text(f"sleep 600 &\necho $$ $! > {pidfile}\nwait\n")
+    (src / "slow.sh").write_text(f"{SLOW} &\nwait\n")
 
 
-def started(pidfile: Path, timeout: float = 60) -> list[int]:
+def started(timeout: float = 60) -> list[int]:
     deadline = time.monotonic() + timeout
-    while not (pidfile.exists() and len(pidfile.read_text().split()) == 2):
+    while not running(SLOW):
         assert time.monotonic() < deadline, "the build never started"
         time.sleep(0.1)
-    return [int(p) for p in pidfile.read_text().split()]
+    return running(SLOW)
 
 
-def gone(pids: list[int], timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        living = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except FileNotFoundError:
-                continue
-            if state != "Z":
-                living.append(pid)
-        if not living:
-            return True
-        time.sleep(0.1)
-    return False
+def gone(timeout: float = 5) -> bool:
+    return all_gone(SLOW, timeout)
 
 
 def source_state(root: Path) -> str:
@@ -74,15 +66,14 @@ def test_kmodctl_stops_its_build_on_ctrl_c_and_sigterm(
     tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
     root = make_system(tmp_path / "root", (K113,))
-    pidfile = tmp_path / "make.pid"
-    slow_source(root, pidfile)
+    slow_source(root)
     env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root),
          "autoinstall", "-k", K113, "--no-initrd"],
         env=env, cwd=TOP, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    pids = started(pidfile)
+    started()
     proc.send_signal(sig)
     start = time.monotonic()
     out, err = proc.communicate(timeout=30)
@@ -90,7 +81,7 @@ def test_kmodctl_stops_its_build_on_ctrl_c_and_sigterm(
     assert proc.returncode == code, out + err
     assert err.splitlines()[-1].startswith("kmodctl: cancelled"), err
     assert "Traceback" not in err
-    assert gone(pids), f"the build's processes {pids} outlived kmodctl"
+    assert gone(), "the build's processes outlived kmodctl"
     assert source_state(root) == "added", "never left building"
 
 
@@ -98,8 +89,7 @@ def test_the_services_cancel_and_stop_end_a_running_build(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_system(tmp_path / "root", (K113,))
-    pidfile = tmp_path / "make.pid"
-    slow_source(root, pidfile)
+    slow_source(root)
     with (
         system_bus(tmp_path / "bus") as bus,
         running_service(bus, root, tmp_path / "kmodd.log") as server,
@@ -110,9 +100,9 @@ def test_the_services_cancel_and_stop_end_a_running_build(
         with client:
             # Cancel: the running job ends cancelled within seconds
             job = submit(client)
-            pids = started(pidfile)
+            started()
             assert client.cancel(job) is True
-            assert gone(pids, 10), server.output()
+            assert gone(10), server.output()
             states = {j["id"]: j["state"] for j in client.jobs()}
             deadline = time.monotonic() + 10
             while states[str(job)] != "cancelled":
@@ -122,14 +112,13 @@ def test_the_services_cancel_and_stop_end_a_running_build(
             assert source_state_via(client) == "added"
 
             # stop: the service ends within seconds, the job stays to run again
-            pidfile.unlink()
             again = submit(client)
-            pids = started(pidfile)
+            started()
         start = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(30)
         assert time.monotonic() - start < 20, server.output()
-        assert gone(pids, 5)
+        assert gone(5)
         assert "Traceback" not in server.output()
     queue = JobQueue(Root.at(root))
     try:
@@ -152,8 +141,7 @@ def test_the_run_after_a_kill_9_removes_what_the_killed_one_left(tmp_path: Path)
     """kill -9 mid-build leaves the build's private copy and, mid-install, `.*.tmp`
     files; the next run removes them, and only them."""
     root = make_system(tmp_path / "root", (K113,))
-    pidfile = tmp_path / "make.pid"
-    slow_source(root, pidfile)
+    slow_source(root)
     updates = root / "lib/modules" / K113 / "updates/dkms"
     updates.mkdir(parents=True)
     half = updates / ".kmt_simple.ko.xz.a1b2c3.tmp"  # what an atomic write leaves
@@ -166,12 +154,10 @@ def test_the_run_after_a_kill_9_removes_what_the_killed_one_left(tmp_path: Path)
         [*argv, "autoinstall", "-k", K113, "--no-initrd"], env=env, cwd=TOP,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    pids = started(pidfile)
+    started()
     proc.kill()
     proc.wait()
-    for pid in pids:  # without a sandbox, a killed kmodctl's build outlives it
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    assert gone(10), "the sandbox ends a build whose kmodctl was killed"
     work = root / "var/lib/kmodd/work"
     assert [p.name for p in work.iterdir()], "the killed build's copy is there"
     (root / "usr/src/kmt-slow-1.0/slow.sh").write_text("exit 1\n")  # the next build fails fast

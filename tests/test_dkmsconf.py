@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +12,11 @@ import pytest
 
 from kmodd.base.errors import BadInputError, NotFoundError
 from kmodd.base.paths import Root
-from kmodd.world import dkmsconf, kernel
+from kmodd.world import config, dkmsconf, kernel
 from kmodd.world.dkmsconf import ModuleSpec, SourceConfig, SourceDir
 from tests.conftest import K47, K113
 from tests.debs import unpack_dkms_package
+from tests.procs import all_gone
 
 MINIMAL = 'PACKAGE_NAME="demo"\nPACKAGE_VERSION="1.0"\nDEST_MODULE_LOCATION[0]="/updates"\n'
 
@@ -38,13 +37,15 @@ def evaluate(
     dkms_tree: Path | None = None,
     timeout: float = 10.0,
 ) -> SourceConfig:
+    where = Root.at(root)
     return dkmsconf.evaluate(
-        Root.at(root),
+        where,
         conf,
         kernel=kver,
         arch="x86_64",
         kernel_source_dir=kernel_source_dir,
         dkms_tree=dkms_tree or root / "var/lib/dkms",
+        sandbox=config.load(where).sandbox(where, "demo"),
         timeout=timeout,
     )
 
@@ -101,7 +102,7 @@ def test_v4l2loopback_dkms_from_debian_reads_the_kernel_config(
     assert conf.clean == "make clean" and conf.autoinstall
     assert conf.build_exclusive_kernel is None and conf.exclusion(k.config) is None
 
-    headers = tmp_path / "no-v4l2-headers"
+    headers = root / "usr/src/no-v4l2-headers"
     headers.mkdir()
     real = (k.build_dir / ".config").read_text()
     (headers / ".config").write_text(real.replace("CONFIG_VIDEO_DEV=m", "# CONFIG_VIDEO_DEV"))
@@ -333,16 +334,20 @@ def test_a_missing_dkms_conf_is_not_found(tmp_path: Path) -> None:
         evaluate(tmp_path, tmp_path / "usr/src/none-1.0/dkms.conf")
 
 
-def test_dkms_conf_runs_trusted_in_its_source_dir(tmp_path: Path) -> None:
-    """Like DKMS, kmodd trusts dkms.conf: it may run commands; its cwd is the source dir."""
+def test_dkms_conf_runs_in_its_source_dir_and_may_change_nothing(tmp_path: Path) -> None:
+    """As with DKMS, dkms.conf may run commands from its source dir; in kmodd's sandbox
+    they run as the build user, and that dir, like the rest, is read-only."""
     conf = write_source(
         tmp_path,
         'PACKAGE_NAME=demo\nPACKAGE_VERSION="${PWD##*/}"\ntouch touched\n'
-        "DEST_MODULE_LOCATION=/updates\n",
+        'AUTOINSTALL="$(id -un)"\nDEST_MODULE_LOCATION=/updates\n',
         "demo-from-cwd",
     )
+    with pytest.raises(BadInputError, match="AUTOINSTALL: 'kmodd-build' is not yes or no"):
+        evaluate(tmp_path, conf)
+    assert not (conf.parent / "touched").exists()
+    conf.write_text(conf.read_text().replace("$(id -un)", "yes"))
     assert evaluate(tmp_path, conf).version == "demo-from-cwd"
-    assert (conf.parent / "touched").is_file()
 
 
 def test_background_jobs_do_not_hold_up_evaluation(tmp_path: Path) -> None:
@@ -356,35 +361,21 @@ def test_background_jobs_do_not_hold_up_evaluation(tmp_path: Path) -> None:
     "body", ["while :; do :; done", "trap '' TERM; while :; do sleep 0.1; done"]
 )
 def test_an_endless_dkms_conf_is_killed_with_its_children(tmp_path: Path, body: str) -> None:
-    conf = write_source(tmp_path, MINIMAL + f"sleep 300 &\necho $! > child.pid\n{body}\n")
+    conf = write_source(tmp_path, MINIMAL + f"sleep 301 &\n{body}\n")
     start = time.monotonic()
     assert bad(tmp_path, conf, timeout=2) == f"{conf}: bash: did not finish within 2 s"
     assert time.monotonic() - start < 6
-    child = int((conf.parent / "child.pid").read_text())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            break
-        if state == "Z":  # killed, waiting for a reaper
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the dkms.conf's child {child} survived the timeout")
+    assert all_gone("sleep 301"), "the dkms.conf's child survived the timeout"
 
 
 def test_a_dkms_conf_that_starts_a_daemon_is_read_at_once(tmp_path: Path) -> None:
     """`setsid -f sleep` leaves a process holding bash's output; the dkms.conf was read
     all the same, and kmodd does not wait for the daemon (the build sandbox ends it)."""
-    conf = write_source(
-        tmp_path, MINIMAL + "setsid -f bash -c 'echo $$ > daemon.pid; exec sleep 60'\n"
-    )
+    conf = write_source(tmp_path, MINIMAL + "setsid -f sleep 61\n")
     start = time.monotonic()
     assert evaluate(tmp_path, conf, timeout=20).name == "demo"
     assert time.monotonic() - start < 5
-    with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
-        os.kill(int((conf.parent / "daemon.pid").read_text()), signal.SIGKILL)
+    assert all_gone("sleep 61"), "the daemon outlived the sandbox"
 
 
 def test_what_a_dkms_conf_prints_costs_no_memory_and_its_values_are_bounded(

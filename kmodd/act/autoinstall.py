@@ -78,7 +78,7 @@ class _Run:
     def _pending(self) -> Path:
         """Exists while a change for this kernel waits for depmod (and the initrd): a run
         killed in between leaves it, and the next run finishes the job."""
-        return self.root.state_dir / "pending" / self.k.release
+        return self.root.entry(self.root.state_dir / "pending" / self.k.release)
 
     def run(self) -> list[Outcome]:
         if self._pending.exists():
@@ -191,7 +191,7 @@ class _Run:
         old = self._about_to_write(
             d, [install.weak_link_path(self.k, d.name, f.name) for f in d.weak_files]
         )
-        links = install.link_weak(self.k, d.name, list(d.weak_files))
+        links = install.link_weak(self.root, self.k, d.name, list(d.weak_files))
         self.installed_now += links
         files = tuple(self.root.outside(p) for p in links)
         if old:
@@ -273,7 +273,9 @@ class _Run:
 
     def _changed(self, remake_initrd: bool) -> None:
         if not self.changed or (remake_initrd and not self.remake_initrd):
-            fsutil.atomic_write(self._pending, b"initrd\n" if remake_initrd else b"depmod\n")
+            fsutil.atomic_write(
+                self.root, self._pending, b"initrd\n" if remake_initrd else b"depmod\n"
+            )
         self.changed = True
         self.remake_initrd = self.remake_initrd or remake_initrd
 
@@ -427,7 +429,9 @@ class _Run:
         """An install that failed half-way: the record keeps the files it has."""
         now = self.db.record(d.name, d.version, d.kernel)
         if now is not None:
-            there = tuple(f for f in now.files if os.path.lexists(self.root.path(f)))
+            there = tuple(
+                f for f in now.files if os.path.lexists(self.root.entry(self.root.path(f)))
+            )
             self.db.put(dataclasses.replace(now, files=there))
 
     def _failed(self, d: Decision, problem: str, logfile: Path | None) -> None:

@@ -50,7 +50,7 @@ class BuildResult:
 
 
 def store_dir(root: Root, name: str, version: str, kernel: str, arch: str) -> Path:
-    return root.state_dir / "builds" / name / version / kernel / arch
+    return root.resolve(root.state_dir / "builds" / name / version / kernel / arch)
 
 
 def build(
@@ -67,7 +67,7 @@ def build(
     if k.build_dir is None:
         raise BuildError(f"{source.path.name} for {k.release}", "no kernel headers (build dir)")
     arch = k.arch or os.uname().machine
-    work = root.work_dir / f"{source.path.name}-{k.release}-{uuid.uuid4().hex[:8]}"
+    work = root.entry(root.work_dir / f"{source.path.name}-{k.release}-{uuid.uuid4().hex[:8]}")
     try:
         conf = dkmsconf.evaluate(
             root,
@@ -76,6 +76,7 @@ def build(
             arch=arch,
             kernel_source_dir=k.build_dir,
             dkms_tree=work,
+            sandbox=config.sandbox(root, source.name),
         )
         out = store_dir(root, conf.name, conf.version, k.release, arch)
         out.mkdir(parents=True, exist_ok=True)
@@ -136,8 +137,14 @@ def _problem(err: Exception, logfile: Path) -> str:
         if first is not None:
             return f"first error: {first}"
         return f"{shlex.join(err.argv)[:200]} {err.problem}"
-    if isinstance(err, FileNotFoundError | shutil.Error):
+    if isinstance(err, shutil.Error):  # copying the source: (src, dst, why) each
+        failures = err.args[0] if err.args and isinstance(err.args[0], list) else []
+        src, dst, why = failures[0] if failures and len(failures[0]) == 3 else ("", "", err)
+        return f"copying the source: {dst or src}: {why}"
+    if isinstance(err, FileNotFoundError):
         return f"source vanished during the build ({err})"
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
     return str(err)
 
 
@@ -155,11 +162,21 @@ def _build_in(
 ) -> tuple[BuiltModule, ...]:
     assert k.build_dir is not None
     build_dir = work / conf.name / conf.version / "build"
-    shutil.copytree(conf.source_dir, build_dir, symlinks=True)
+    shutil.copytree(conf.source_dir, build_dir, symlinks=True, copy_function=_copy_file)
+    sandbox = config.sandbox(root, conf.name, writable=(work,))
+    if sandbox is not None:
+        _give(work, *sandbox.uid_gid())
+    else:
+        with logfile.open("a") as f:
+            f.write("# kmodd: no sandbox for this source (sandbox.NAME = off in kmodd.conf)\n")
     env = {"kernelver": k.release, "arch": conf.arch}
     timeout = config.build_timeout
 
     def step(argv: list[str]) -> None:
+        run(argv, cwd=build_dir, env=env, timeout=timeout, log_file=logfile, cancel=cancel,
+            sandbox=sandbox)  # fmt: skip
+
+    def privileged(argv: list[str]) -> None:
         run(argv, cwd=build_dir, env=env, timeout=timeout, log_file=logfile, cancel=cancel)
 
     for patch in conf.patches:
@@ -181,16 +198,33 @@ def _build_in(
     for index, spec in enumerate(conf.modules):
         produced = _output(build_dir, spec, k, f"BUILT_MODULE_NAME[{index}]", conf.conf_path)
         if spec.strip:
-            step(["strip", "-g", os.fspath(produced)])
-        _sign(k, config, produced, step)
+            privileged(["strip", "-g", os.fspath(produced)])
+        _sign(k, config, produced, privileged)
         artefact = out / f"{spec.dest_name}.ko{k.compression.value}"
-        fsutil.atomic_write(artefact, compress(k.compression, produced.read_bytes()))
+        fsutil.atomic_write(root, artefact, compress(k.compression, produced.read_bytes()))
         kept.add(artefact.name)
         built.append(BuiltModule(spec, artefact))
     for stale in out.glob("*.ko*"):
         if stale.name not in kept:
             stale.unlink()
     return tuple(built)
+
+
+def _copy_file(src: str, dst: str) -> None:
+    """One entry of a source tree into the build's copy: files only (links are copied
+    as links, dirs made); a FIFO, socket or device is refused, never opened."""
+    if not stat.S_ISREG(os.lstat(src).st_mode):
+        raise BuildError(src, "is not a regular file, directory or link (a FIFO or a device?): "
+                         "refused in a source tree")  # fmt: skip
+    shutil.copy2(src, dst)
+
+
+def _give(top: Path, uid: int, gid: int) -> None:
+    """`top` and all in it to the build user: the one tree its sandbox may write."""
+    os.chown(top, uid, gid)
+    for parent, dirs, files in os.walk(top):
+        for name in [*dirs, *files]:
+            os.chown(Path(parent, name), uid, gid, follow_symlinks=False)
 
 
 def source_hook(root: Root, conf: SourceConfig, kernel: str, which: str, *, timeout: float) -> None:

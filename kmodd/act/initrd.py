@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,7 +20,7 @@ import structlog
 
 from kmodd.base.errors import KmoddError, NotFoundError
 from kmodd.base.paths import Root
-from kmodd.base.run import run
+from kmodd.base.run import BASE_ENV, run
 from kmodd.state.states import State
 from kmodd.state.store import InitrdCheck, Store, files_present
 from kmodd.world import distro, modfile
@@ -74,16 +75,24 @@ def detect(root: Root) -> Generator | None:
         tool_path = PurePosixPath(gen.tool)
         for where in (tool_path.parent, *_OTHER_TOOL_DIRS):
             tool = f"{where}/{tool_path.name}"
-            if root.path(tool).exists():
+            if _there(root, tool):
                 return dataclasses.replace(gen, tool=tool)
     return None
+
+
+def _there(root: Root, inside: str) -> bool:
+    """`inside` exists in the root, its links followed there."""
+    try:
+        return root.real(inside).exists()
+    except KmoddError:
+        return False
 
 
 def image_for(root: Root, kernel: str, gen: Generator | None = None) -> Path | None:
     """`kernel`'s initrd, where the installed generator (`gen`, else detected) puts it."""
     gen = gen or detect(root) or _GENERATORS[0]
     for pattern in gen.images:
-        image = root.path(pattern.format(kernel=kernel))
+        image = root.real(pattern.format(kernel=kernel))
         if image.is_file():
             return image
     return None
@@ -100,9 +109,7 @@ def regenerate(root: Root, kernel: str) -> Path | None:
     if image is None:
         log.info("no initrd to regenerate yet", kver=kernel)
         return None
-    argv = gen.argv(kernel, Path(root.outside(image)))
-    if root.prefix != Path("/"):
-        argv = ["chroot", os.fspath(root.prefix), *argv]
+    argv = _in_root(root, gen.argv(kernel, Path(root.outside(image))))
     log.info("regenerating initrd", kver=kernel, generator=gen.name, initrd=os.fspath(image))
     run(argv, timeout=_REMAKE_TIMEOUT)
     return image
@@ -174,14 +181,35 @@ def listed_modules(root: Root, image: Path) -> set[str]:
     """Names of the module files inside `image`, as its generator's lister shows them."""
     gen = detect(root)
     candidates = [*(gen.lister if gen else ()), *(t for g in _GENERATORS for t in g.lister)]
-    lister = next((root.path(t) for t in candidates if root.path(t).exists()), None)
-    if lister is None:
+    argv = _lister(root, candidates, image)
+    if argv is None:
         raise NotFoundError("no initrd lister (lsinitramfs, lsinitrd, lsinitcpio) installed")
-    out = run([lister, image], timeout=_LIST_TIMEOUT).stdout.decode(errors="replace")
+    out = run(argv, timeout=_LIST_TIMEOUT).stdout
     names = set()
-    for line in out.splitlines():
+    for line in out.decode(errors="replace").splitlines():
         # lsinitramfs and lsinitcpio print paths; lsinitrd prints `ls -l` lines
         path = line.split(" -> ")[0].split()[-1:] if line.strip() else []
         if path and "/modules/" in f"/{path[0]}" and modfile.is_module_file(Path(path[0])):
             names.add(modfile.module_name(Path(path[0])))
     return names
+
+
+def _lister(root: Root, candidates: list[str], image: Path) -> list[str] | None:
+    """The command that lists `image`: this machine's own lister of that name (it only
+    reads the image), else the root's, run in the root."""
+    for tool in candidates:
+        mine = shutil.which(PurePosixPath(tool).name, path=BASE_ENV["PATH"])
+        if mine is not None:
+            return [mine, os.fspath(image)]
+    for tool in candidates:
+        if _there(root, tool):
+            return _in_root(root, [tool, root.outside(image)])
+    return None
+
+
+def _in_root(root: Root, argv: list[str]) -> list[str]:
+    """`argv` (a tool of the root's, paths inside it) run in the root: chrooted there
+    unless it is `/`. A root's own programs never run on this machine as they are."""
+    if root.prefix == Path("/"):
+        return argv
+    return ["chroot", os.fspath(root.prefix), *argv]

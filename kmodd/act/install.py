@@ -33,9 +33,9 @@ def dest_dir(root: Root, k: Kernel, spec: ModuleSpec) -> Path:
     the kernel's module is neither overwritten nor, at uninstall, deleted."""
     convention = distro.detect(root).module_dir
     if convention is not None:
-        return k.modules_dir / convention
+        return k.tree(convention)
     top, *rest = PurePosixPath(spec.dest_location).relative_to("/").parts
-    return k.modules_dir.joinpath(top if top in ("updates", "extra") else "updates", *rest)
+    return k.tree(PurePosixPath(top if top in ("updates", "extra") else "updates", *rest))
 
 
 def build_targets(root: Root, k: Kernel, result: BuildResult) -> list[Path]:
@@ -47,10 +47,10 @@ def install_build(root: Root, k: Kernel, result: BuildResult) -> list[Path]:
     """Install every module of a build for `k`, replacing older files and weak links."""
     installed = []
     for module, target in zip(result.modules, build_targets(root, k, result), strict=True):
-        fsutil.atomic_write(target, module.path.read_bytes())
-        _remove_other_forms(target)
-        fsutil.remove(weak_link_path(k, result.conf.name, module.path.name))
-        installed.append(target)
+        written = fsutil.atomic_write(root, target, module.path.read_bytes())
+        _remove_other_forms(written)
+        fsutil.remove(root, weak_link_path(k, result.conf.name, module.path.name))
+        installed.append(written)
     log.info(
         "installed",
         module=result.conf.name,
@@ -61,17 +61,18 @@ def install_build(root: Root, k: Kernel, result: BuildResult) -> list[Path]:
 
 
 def weak_link_path(k: Kernel, source_name: str, file_name: str) -> Path:
-    return k.modules_dir / "weak-updates" / source_name / file_name
+    return k.tree(PurePosixPath("weak-updates", source_name)) / file_name
 
 
-def link_weak(k: Kernel, source_name: str, files: list[Path]) -> list[Path]:
-    """Relative symlinks in `k`'s weak-updates to modules installed for another kernel."""
+def link_weak(root: Root, k: Kernel, source_name: str, files: list[Path]) -> list[Path]:
+    """Relative symlinks in `k`'s weak-updates to modules installed for another kernel
+    (`files`, resolved inside the root)."""
     links = []
     for target in files:
-        link = weak_link_path(k, source_name, target.name)
-        fsutil.atomic_symlink(os.path.relpath(target, link.parent), link)
-        _remove_other_forms(link)
-        links.append(link)
+        link = root.entry(weak_link_path(k, source_name, target.name))
+        made = fsutil.atomic_symlink(root, os.path.relpath(target, link.parent), link)
+        _remove_other_forms(made)
+        links.append(made)
     log.info("weak-linked", module=source_name, kver=k.release, links=[os.fspath(p) for p in links])
     return links
 
@@ -89,7 +90,7 @@ def remove_files(root: Root, files: list[str]) -> None:
     """Remove installed files and links recorded as paths inside the root (and the
     directories that leaves empty, up to the kernel's own)."""
     for inside in files:
-        fsutil.remove(root.path(inside))
+        fsutil.remove(root, root.path(inside))
 
 
 def depmod(root: Root, release: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from kmodd.base.errors import KmoddError
 from kmodd.base.paths import Root
 
 log = structlog.get_logger(__name__)
@@ -33,7 +34,7 @@ def clean_litter(root: Root) -> list[Path]:
     dirs = [root.state_dir]
     for modules in root.modules_dirs:
         if modules.is_dir():
-            dirs += [k / tree for k in modules.iterdir() for tree in _TREES]
+            dirs += [kdir / tree for kdir in _resolved(root, modules) for tree in _TREES]
     for directory in dirs:
         if not directory.is_dir() or directory.is_symlink():
             continue
@@ -46,3 +47,14 @@ def clean_litter(root: Root) -> list[Path]:
     if removed:
         log.info("removed what an interrupted run left", paths=[os.fspath(p) for p in removed])
     return removed
+
+
+def _resolved(root: Root, modules: Path) -> list[Path]:
+    """The kernel dirs in `modules`, each resolved inside the root."""
+    found = []
+    for entry in modules.iterdir():
+        try:
+            found.append(root.resolve(entry))
+        except KmoddError:
+            continue
+    return found

@@ -20,6 +20,10 @@ class SymlinkLoopError(BadInputError):
     """A path inside a root whose symlinks never end (a loop, or more than 40)."""
 
 
+class OutsideRootError(BadInputError):
+    """A path kmodd was to use as inside a root that is not under its prefix."""
+
+
 @dataclass(frozen=True)
 class Root:
     prefix: Path
@@ -39,11 +43,12 @@ class Root:
         prefix and `..` never climbs above it, so the result never leaves the root.
 
         The result need not exist. A symlink loop is a SymlinkLoopError (following the
-        looping link on this machine could reach outside the root)."""
+        looping link on this machine could reach outside the root); a `path` that is not
+        under the prefix at all is an OutsideRootError."""
         try:
             rel = path.relative_to(self.prefix)
         except ValueError:
-            rel = Path(os.path.relpath(path, self.prefix))
+            raise OutsideRootError(path, f"is not inside the root {self.prefix}") from None
         pending = list(reversed(rel.parts))
         done: list[str] = []
         hops = 0
@@ -69,6 +74,14 @@ class Root:
             done.append(part)
         return self.prefix.joinpath(*done)
 
+    def entry(self, path: Path) -> Path:
+        """`path` with its directories resolved inside the root but its last component
+        kept as it is: the name to create, replace or unlink (a link itself, never what
+        it points to)."""
+        if path.name in ("", ".", ".."):
+            raise OutsideRootError(path, "is not a name of an entry to write")
+        return self.resolve(path.parent) / path.name
+
     def outside(self, path: Path) -> str:
         """How `path` (under the prefix) reads from inside the root: `/lib/modules/...`."""
         try:
@@ -76,38 +89,43 @@ class Root:
         except ValueError:
             return os.fspath(path)
 
-    # Well-known locations -------------------------------------------------------------
+    def real(self, inside: str | PurePosixPath) -> Path:
+        """`path(inside)` resolved inside the root: where it really is under the prefix."""
+        return self.resolve(self.path(inside))
+
+    # Well-known locations, resolved inside the root ---------------------------------------
+    # (a `var/lib/kmodd` linked to `/srv/kmodd` is `<prefix>/srv/kmodd`, never the host's)
 
     @property
     def modules_dirs(self) -> tuple[Path, ...]:
         """Where kernels keep their modules: `/lib/modules` and `/usr/lib/modules`."""
-        return (self.path("/lib/modules"), self.path("/usr/lib/modules"))
+        return (self.real("/lib/modules"), self.real("/usr/lib/modules"))
 
     @property
     def boot(self) -> Path:
-        return self.path("/boot")
+        return self.real("/boot")
 
     @property
     def usr_src(self) -> Path:
-        return self.path("/usr/src")
+        return self.real("/usr/src")
 
     @property
     def dkms_overrides(self) -> Path:
-        return self.path("/etc/dkms")
+        return self.real("/etc/dkms")
 
     @property
     def dkms_tree(self) -> Path:
-        return self.path("/var/lib/dkms")
+        return self.real("/var/lib/dkms")
 
     @property
     def state_dir(self) -> Path:
-        return self.path("/var/lib/kmodd")
+        return self.real("/var/lib/kmodd")
 
     @property
     def work_dir(self) -> Path:
         """Private copies for builds and dkms.conf evaluations (cleared after a crash)."""
-        return self.state_dir / "work"
+        return self.resolve(self.state_dir / "work")
 
     @property
     def config_file(self) -> Path:
-        return self.path("/etc/kmodd/kmodd.conf")
+        return self.real("/etc/kmodd/kmodd.conf")

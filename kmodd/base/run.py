@@ -7,6 +7,8 @@ explicit environment, the command logged at debug as `+ cmd`, and failures raise
 Every command runs in a process group of its own, killed as a whole when it times out
 or is cancelled (its `cancel` event set), and once more after it exits, so no helper
 it started lingers in that group; `terminate_all` kills every group still running.
+With a `sandbox`, the command runs in it (package code: `base.sandbox`); what is
+logged and reported is the command itself.
 Its output goes to unnamed temporary files, not pipes: a daemon that inherited them
 and lives on cannot keep kmodd waiting for an end of file, and only so much of it is
 ever read back (`max_output`).
@@ -29,6 +31,7 @@ from typing import IO
 import structlog
 
 from kmodd.base.errors import CancelledError, CommandError
+from kmodd.base.sandbox import Sandbox
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +67,7 @@ def run(
     log_file: Path | None = None,
     max_output: int = MAX_OUTPUT,
     cancel: threading.Event | None = None,
+    sandbox: Sandbox | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `argv` and return its result with stdout and stderr as bytes, or, with
     `log_file`, both appended to that file (the error then carries its tail). A
@@ -71,16 +75,17 @@ def run(
     args = [os.fspath(a) for a in argv]
     full_env = {**BASE_ENV, **(env or {})}
     log.debug("+ " + shlex.join(args))
+    started = args if sandbox is None else sandbox.wrap(args, cwd)
     if log_file is not None:
         with log_file.open("ab") as out:
             out.write(f"+ {shlex.join(args)}\n".encode())
             out.flush()
-            code = _run(args, full_env, cwd, timeout, input, out, out, cancel)
+            code = _run(started, full_env, cwd, timeout, input, out, out, cancel, args)
         if check and code != 0:
             raise CommandError(args, code, _tail(log_file))
         return subprocess.CompletedProcess(args, code, b"", b"")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        code = _run(args, full_env, cwd, timeout, input, out, err, cancel)
+        code = _run(started, full_env, cwd, timeout, input, out, err, cancel, args)
         stderr = _read_tail(err)
         if out.seek(0, os.SEEK_END) > max_output:
             problem = f"printed more than {max_output} bytes"
@@ -101,9 +106,11 @@ def _run(
     stdout: IO[bytes],
     stderr: IO[bytes],
     cancel: threading.Event | None,
+    named: list[str],
 ) -> int:
+    """Run `args`, reported in errors as `named` (the command before its sandbox)."""
     if cancel is not None and cancel.is_set():
-        raise CancelledError(f"{args[0]} not started: cancelled")
+        raise CancelledError(f"{named[0]} not started: cancelled")
     with contextlib.ExitStack() as stack:
         stdin: int | IO[bytes] = subprocess.DEVNULL
         if input is not None:
@@ -121,13 +128,16 @@ def _run(
                 start_new_session=True,
             )
         except FileNotFoundError as err:
-            raise CommandError(args, 127, "", problem="not found") from err
+            raise CommandError(named, 127, "", problem="not found") from err
         except PermissionError as err:
-            raise CommandError(args, 126, "", problem="not executable") from err
+            raise CommandError(named, 126, "", problem="not executable") from err
         with _lock:
             _running.add(proc.pid)
         try:
-            return _wait(proc, args, timeout, cancel)
+            code = _wait(proc, named, timeout, cancel)
+            if args is not named and 128 < code < 128 + 65:
+                return -(code - 128)  # the sandbox says a signal ended its command so
+            return code
         finally:
             _kill(proc.pid)  # whatever it left in its group goes with it
             with _lock:

@@ -69,6 +69,7 @@ def evaluate_for(root: Root, source: SourceDir, k: kernel.Kernel) -> SourceConfi
         arch=k.arch or "unknown",
         kernel_source_dir=k.build_dir or k.modules_dir / "build",
         dkms_tree=root.work_dir / "plan",
+        sandbox=config.load(root).sandbox(root, source.name),
     )
 
 
@@ -162,7 +163,7 @@ class _Planner:
             return f"cannot judge reuse: {self._target_problem}"
         reasons = []
         for record in sorted(candidates, key=lambda r: kernel.version_key(r.kernel), reverse=True):
-            files = [self.root.path(f) for f in record.files]
+            files = [self.root.real(f) for f in record.files]
             try:
                 verdicts = verdict.judge(modfile.read_many(files), target)
             except KmoddError as err:

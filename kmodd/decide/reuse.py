@@ -40,6 +40,8 @@ def check_files(root: Root, release: str, paths: Sequence[Path]) -> Report:
 def installed_out_of_tree(k: kernel.Kernel) -> list[Path]:
     found: list[Path] = []
     for sub in OUT_OF_TREE_DIRS:
+        if (k.modules_dir / sub).is_symlink():  # never read where it leads
+            continue
         for dirpath, _dirs, files in os.walk(k.modules_dir / sub):
             found.extend(
                 Path(dirpath, f) for f in sorted(files) if f.endswith(modfile.MODULE_SUFFIXES)

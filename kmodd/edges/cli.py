@@ -238,7 +238,7 @@ def _initrd_check(args: argparse.Namespace, root: Root) -> int:
     no writers' lock (a generator's hook may run inside the service's job)."""
     if not (root.state_dir / "state.db").exists():
         return 0
-    image = root.path(args.image) if args.image else None
+    image = root.real(args.image) if args.image else None
     with Store.open(root) as db:
         check = initrd.verify(root, db, args.kernel, image)
     if check is None:
@@ -455,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _INTERRUPTED = threading.Event()
-"""Set by SIGINT or SIGTERM: in-process builds stop (their commands are killed)."""
+"""Set by SIGINT, SIGTERM or SIGHUP: in-process builds stop (their commands are killed)."""
 _SIGNALS: list[int] = []
 _WORKING = False
 """In-process work runs: a signal stops it through `_INTERRUPTED`, not by raising."""
@@ -471,7 +471,7 @@ def _on_signal(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     log.configure(debug=args.debug, level=20 if args.verbose else 30)
     func: Command = args.func
@@ -484,13 +484,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _failed(args, err, err.exit_code)
     except KeyboardInterrupt:
         return 128 + (_SIGNALS[0] if _SIGNALS else signal.SIGINT)
+    except BrokenPipeError:  # `kmodctl status | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except MemoryError as err:
         return _failed(args, err, 5, "out of memory")
     except OSError as err:  # a disk full or read-only, named
         where = f"{err.filename}: " if err.filename else ""
         return _failed(args, err, 5, f"{where}{err.strerror or err}")
     except sqlite3.Error as err:
-        return _failed(args, err, 5, f"kmodd's state (/var/lib/kmodd/state.db): {err}")
+        where = args.root or os.environ.get("KMODD_ROOT") or "/"
+        state = Root.at(where).path("/var/lib/kmodd/state.db")
+        return _failed(args, err, 5, f"{state}: kmodd's state: {store.describe(err, state)}")
     except Exception as err:  # noqa: BLE001 - a bug of kmodd's: one line; --debug for more
         return _failed(args, err, 5, f"internal error: {type(err).__name__}: {err}")
 

@@ -80,7 +80,7 @@ class JobQueue:
     """Jobs in `state.db`; one connection, used from the service's event loop only."""
 
     def __init__(self, root: Root) -> None:
-        path: Path = root.state_dir / "state.db"
+        path: Path = root.entry(root.state_dir / "state.db")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self._db.row_factory = sqlite3.Row

@@ -7,6 +7,7 @@ opens the store read-only, and the next autoinstall, under the writers' lock, me
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from kmodd.base.paths import Root
 from kmodd.state.states import State
 from kmodd.state.store import Record, Store, current_check, files_present
-from kmodd.world import dkms_tree, dkmsconf, kernel, modfile
+from kmodd.world import config, dkms_tree, dkmsconf, kernel, modfile
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Line:
     its modules (None: not listed since the image last changed, or not applicable)."""
     initrd: str | None = None
     """The image that `in_initrd` speaks of."""
+    sandbox: str | None = None
+    """What kmodd.conf allows the source's package code beyond the sandbox (`network`,
+    `off`); None: nothing, it builds in the sandbox."""
 
     def text(self) -> str:
         """DKMS's shape: `acpi-call/1.2.2, 6.12.113+deb12-amd64, x86_64: installed`."""
@@ -50,6 +54,10 @@ class Line:
             state += ", loaded"
         if self.in_initrd is not None:
             state += ", in initrd" if self.in_initrd else f", NOT in its initrd {self.initrd}"
+        if self.sandbox == "network":
+            state += ", builds with network access (kmodd.conf)"
+        elif self.sandbox == "off":
+            state += ", builds as root without a sandbox (kmodd.conf)"
         if not self.kernel:
             return f"{self.module}/{self.version}: {state} ({self.detail})"
         return f"{self.module}/{self.version}, {self.kernel}, {self.arch}: {state}"
@@ -67,6 +75,7 @@ class Line:
             doc.get("detail") or None,
             in_initrd=_tristate(doc.get("in_initrd")),
             initrd=doc.get("initrd") or None,
+            sandbox=doc.get("sandbox") or None,
         )
 
     def json(self) -> dict[str, Any]:
@@ -81,6 +90,7 @@ class Line:
             "detail": self.detail,
             "in_initrd": self.in_initrd,
             "initrd": self.initrd,
+            "sandbox": self.sandbox,
         }
 
 
@@ -105,6 +115,7 @@ def status(
             if not name or n == name
         ]
     records = {(r.name, r.version, r.kernel): r for r in db.records(name=name, kernel=release)}
+    allowed = config.load(root)
     lines = []
     for record in records.values():
         if record.kernel in arches:
@@ -121,7 +132,15 @@ def status(
             dkms = dkms_tree.installed_by_dkms(root, src_name, kver, arch)
             state = State.DKMS if dkms == version else State.ADDED
             lines.append(Line(src_name, version, kver, arch, state))
+    lines = [_allowance(line, allowed.allowance(line.module)) for line in lines]
     return sorted(lines, key=lambda ln: (ln.module, ln.version, kernel.version_key(ln.kernel)))
+
+
+def _allowance(line: Line, allowed: config.Allowance) -> Line:
+    """`line`, saying what kmodd.conf lets its source's build do beyond the sandbox."""
+    if allowed is config.Allowance.NONE:
+        return line
+    return dataclasses.replace(line, sandbox=allowed.value)
 
 
 def _line(root: Root, db: Store, record: Record) -> Line:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmodd.base.errors import KmoddError
+from kmodd.base.errors import BadInputError, KmoddError
 from kmodd.base.paths import Root
 from kmodd.state.states import State
 
@@ -41,8 +41,16 @@ CREATE TABLE IF NOT EXISTS initrds (
 
 
 def files_present(root: Root, record: Record) -> bool:
-    """Every file and link of `record` is there (a link must reach its target)."""
-    return bool(record.files) and all(root.path(f).exists() for f in record.files)
+    """Every file and link of `record` is there (a link must reach its target, followed
+    inside the root)."""
+    return bool(record.files) and all(_exists(root, f) for f in record.files)
+
+
+def _exists(root: Root, inside: str) -> bool:
+    try:
+        return root.real(inside).exists()
+    except BadInputError:  # a loop, a path that is not inside the root
+        return False
 
 
 def current_check(root: Root, check: InitrdCheck | None) -> InitrdCheck | None:
@@ -50,10 +58,30 @@ def current_check(root: Root, check: InitrdCheck | None) -> InitrdCheck | None:
     if check is None:
         return None
     try:
-        mtime = root.path(check.image).stat().st_mtime_ns
-    except OSError:
+        mtime = root.real(check.image).stat().st_mtime_ns
+    except (OSError, BadInputError):
         return None
     return check if mtime == check.mtime_ns else None
+
+
+def describe(err: sqlite3.Error, path: Path) -> str:
+    """What went wrong with the state file `path`, in the words a full or read-only disk
+    gets everywhere else (SQLite says "disk I/O error" when a write finds no space)."""
+    name = getattr(err, "sqlite_errorname", "") or ""
+    if name == "SQLITE_READONLY":
+        return "Read-only file system (or no permission to write it)"
+    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+        try:
+            fs = os.statvfs(path.parent)
+        except OSError:
+            return str(err)
+        free = fs.f_bavail * fs.f_frsize
+        if name == "SQLITE_FULL" or free < _NEARLY_FULL:
+            return f"No space left on device ({free >> 10} kB free)"
+    return str(err)
+
+
+_NEARLY_FULL = 1 << 20
 
 
 class StoreError(KmoddError):
@@ -118,11 +146,11 @@ class Store:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._has_initrds = "initrds" in _tables(self._db)
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"{path}: cannot open kmodd's state: {err}") from err
+            raise StoreError(f"{path}: cannot open kmodd's state: {describe(err, path)}") from err
 
     @classmethod
     def open(cls, root: Root, *, readonly: bool = False) -> Store:
-        return cls(root.state_dir / "state.db", readonly=readonly)
+        return cls(root.entry(root.state_dir / "state.db"), readonly=readonly)
 
     def close(self) -> None:
         self._db.close()
@@ -267,7 +295,8 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
             db.close()
             db = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None)
             tables = _tables(db)
-        if "records" in tables:
+        newer = db.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION
+        if "records" in tables or newer:
             return db
         db.close()
     empty = sqlite3.connect(":memory:", isolation_level=None)
@@ -306,13 +335,13 @@ def lock(root: Root, *, wait: bool = True) -> Iterator[None]:
 
     Re-entrant within a process: the service takes it once for its lifetime, and the
     jobs it runs in threads pass through."""
-    path = root.state_dir / "lock"
+    path = root.entry(root.state_dir / "lock")
     with _held_guard:
         if _held.get(path):
             _held[path] += 1
             fd = None
         else:
-            root.state_dir.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -45,12 +45,13 @@ def read_bytes(path: Path, limit: int = MAX_BYTES) -> bytes:
         raise NotFoundError("no such file", path) from err
     except OSError as err:
         raise BadInputError(path, f"cannot read: {err.strerror}") from err
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         if stat.S_ISDIR(st.st_mode):
             raise BadInputError(path, "is a directory, not a file")
-        if not stat.S_ISREG(st.st_mode):
-            raise BadInputError(path, "is not a regular file (a FIFO, socket or device?)")
+        raise BadInputError(path, "is not a regular file (a FIFO, socket or device?)")
+    with os.fdopen(fd, "rb") as f:
         if st.st_size > limit:
             raise BadInputError(path, f"is larger than {limit >> 20} MB")
         try:

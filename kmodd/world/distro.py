@@ -50,7 +50,7 @@ KNOWN = (DEBIAN, ARCH, FEDORA, SUSE)
 
 def os_release_ids(root: Root) -> list[str]:
     """ID, then ID_LIKE's entries, of `<root>/etc/os-release` (or /usr/lib/os-release)."""
-    for candidate in (root.path("/etc/os-release"), root.path("/usr/lib/os-release")):
+    for candidate in (root.real("/etc/os-release"), root.real("/usr/lib/os-release")):
         if candidate.is_file():
             fields = {}
             for line in candidate.read_text(errors="replace").splitlines()[:200]:

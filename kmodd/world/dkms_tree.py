@@ -33,7 +33,7 @@ def drop_claim(root: Root, name: str, kernel: str, arch: str) -> bool:
     """After kmodd took a module over: remove DKMS's install marker for that kernel, so
     `dkms uninstall`/`remove` no longer deletes what kmodd installed there (DKMS then
     shows the module as built, not installed). DKMS's tree is otherwise left alone."""
-    marker = root.dkms_tree / name / f"kernel-{kernel}-{arch}"
+    marker = root.entry(root.dkms_tree / name / f"kernel-{kernel}-{arch}")
     if not marker.is_symlink():
         return False
     marker.unlink()

@@ -1,11 +1,12 @@
 """dkms.conf, read as DKMS reads it: sourced by bash (extglob on) for one kernel and arch.
 
-dkms.conf is trusted as DKMS trusts it: it runs in the source dir and may run commands;
-kmodd does not sandbox it. It gets a timeout (its process group is killed), a minimal
-environment, and only the known directives come back, NUL-separated, so values keep
-spaces, quotes and newlines. Then DKMS's overrides, in its order: /etc/dkms/NAME.conf,
-NAME-VERSION.conf, NAME-VERSION-KVER.conf, NAME-VERSION-KVER-ARCH.conf, NAME--KVER.conf,
-NAME--KVER-ARCH.conf (NAME, VERSION as dkms.conf set them).
+dkms.conf is package code: it runs from the source dir, in kmodd's sandbox
+(`base.sandbox`: as the unprivileged build user, nothing writable, no network) unless
+kmodd.conf turns that off for its source. It gets a timeout (its process group is
+killed), a minimal environment, and only the known directives come back, NUL-separated,
+so values keep spaces, quotes and newlines. Then DKMS's overrides, in its order:
+/etc/dkms/NAME.conf, NAME-VERSION.conf, NAME-VERSION-KVER.conf, NAME-VERSION-KVER-ARCH.conf,
+NAME--KVER.conf, NAME--KVER-ARCH.conf (NAME, VERSION as dkms.conf set them).
 
 As DKMS 3.x's read_conf: MAKE[0] applies unless MAKE_MATCH[0] is set, and the last MAKE[i]
 whose MAKE_MATCH[i] matches wins; PATCH[i] applies when PATCH_MATCH[i] is empty or matches;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import structlog
 from kmodd.base.errors import BadInputError, CommandError, NotFoundError, ended
 from kmodd.base.paths import Root
 from kmodd.base.run import run
+from kmodd.base.sandbox import LEFT_BEHIND, Sandbox
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +64,8 @@ _POSIX_CLASSES = {
 NAME_RE = re.compile(r"[A-Za-z0-9._+~@-]+")
 """What a module source's name may hold: no space, no newline, no slash."""
 VERSION_RE = re.compile(r"[A-Za-z0-9._+~:@-]+")
+_MAX_CONF = 1024 * 1024
+"""The largest dkms.conf kmodd reads (DKMS's own are a few kB)."""
 _MAX_DUMP = 4 * 1024 * 1024
 """What evaluating a dkms.conf may print: its directives, many times over."""
 
@@ -195,19 +200,30 @@ class SourceDir:
 
 
 def find_sources(root: Root) -> list[SourceDir]:
-    """Every `<root>/usr/src/*/dkms.conf`, sorted by directory name."""
+    """Every `<root>/usr/src/*/dkms.conf`, sorted by directory name. A source dir or
+    dkms.conf that is a link is followed inside the root, as a chroot would: one linked
+    to a host dir is looked for under the root's prefix instead."""
     base = root.usr_src
     if not base.is_dir():
         return []
     found = []
     for entry in sorted(base.iterdir()):
-        if (entry / "dkms.conf").is_file():
-            name, version = _split_dir_name(entry.name, entry / "dkms.conf")
+        try:
+            path = root.resolve(entry)
+            conf = root.resolve(path / "dkms.conf")
+        except BadInputError as err:
+            log.warning("source skipped", problem=str(err)[:300])
+            continue
+        if conf.exists() and not conf.is_file():
+            log.warning("source skipped: its dkms.conf is not a regular file",
+                        path=os.fspath(conf))  # fmt: skip
+        elif conf.is_file():
+            name, version = _split_dir_name(entry.name, conf)
             if not (NAME_RE.fullmatch(name) and VERSION_RE.fullmatch(version)):
                 log.warning("source skipped: its name or version holds characters DKMS "
                             "names cannot", path=repr(os.fspath(entry))[:200])  # fmt: skip
                 continue
-            found.append(SourceDir(name, version, entry))
+            found.append(SourceDir(name, version, path))
     return found
 
 
@@ -238,14 +254,23 @@ def evaluate(
     arch: str,
     kernel_source_dir: Path | None,
     dkms_tree: Path,
+    sandbox: Sandbox | None,
     timeout: float = 10.0,
 ) -> SourceConfig:
     """Source `conf` (and its overrides) with bash for `kernel`/`arch` and validate it.
 
     `kernel_source_dir` is the kernel's build dir as seen from here (under the root);
-    None gives DKMS's default `<root>/lib/modules/KVER/build` even if it is missing."""
-    if not conf.is_file():
-        raise NotFoundError("no such dkms.conf", conf)
+    None gives DKMS's default `<root>/lib/modules/KVER/build` even if it is missing.
+    A `conf` that is a link is followed inside the root."""
+    conf = root.resolve(conf)
+    try:
+        st = conf.stat()
+    except FileNotFoundError:
+        raise NotFoundError("no such dkms.conf", conf) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadInputError(conf, "is not a regular file")
+    if st.st_size > _MAX_CONF:
+        raise BadInputError(conf, f"is larger than {_MAX_CONF >> 10} kB: not a dkms.conf")
     ksrc = kernel_source_dir or root.path(f"/lib/modules/{kernel}/build")
     paths = (conf, root.dkms_overrides, ksrc, dkms_tree, root.usr_src, root.path("/lib/modules"))
     argv = ["bash", "--norc", "--noprofile", "-c", _SCRIPT, "kmodd-dkms.conf", kernel, arch]
@@ -257,12 +282,16 @@ def evaluate(
             timeout=timeout,
             check=False,
             max_output=_MAX_DUMP,
+            sandbox=sandbox,
         )
     except CommandError as err:
         raise BadInputError(conf, f"bash: {err.problem}") from err
     stderr = proc.stderr.decode(errors="replace")
     if stderr.strip():
         log.debug("dkms.conf said", conf=os.fspath(conf), stderr=stderr.strip())
+    for line in stderr.splitlines():
+        if line.startswith(LEFT_BEHIND):
+            log.warning("dkms.conf " + line.removeprefix("kmodd: "), conf=os.fspath(conf))
     parsed, current, finished = _parse(proc.stdout, conf)
     if proc.returncode != 0 or not finished:
         raise BadInputError(current, f"bash: {_bash_problem(stderr, current, proc.returncode)}")
@@ -320,7 +349,7 @@ def _parse(out: bytes, conf: Path) -> tuple[_Conf, Path, bool]:
 
 
 def _bash_problem(stderr: str, path: Path, status: int) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(LEFT_BEHIND)]
     prefix = os.fspath(path) + ": "
     own = [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
     syntax = [line for line in own if "syntax error" in line]
@@ -471,7 +500,8 @@ def _ere(pattern: str) -> re.Pattern[str]:
 
 def _split_dir_name(dirname: str, conf: Path) -> tuple[str, str]:
     try:
-        text = conf.read_text(errors="replace")
+        with conf.open("rb") as f:
+            text = f.read(_MAX_CONF).decode(errors="replace")
     except OSError:
         text = ""
     literal: dict[str, str] = {}

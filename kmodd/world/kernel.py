@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kmodd.base.errors import BadInputError, NotFoundError
 from kmodd.base.paths import Root, SymlinkLoopError
@@ -40,6 +40,19 @@ class Kernel:
 
     # Where things are ---------------------------------------------------------------
 
+    def tree(self, sub: str | PurePosixPath) -> Path:
+        """`sub` of the modules dir (`updates/dkms`, `weak-updates/NAME`), where kmodd
+        writes: no part of it may be a symbolic link, which would take kmodd's writes,
+        and depmod's reads, wherever it points."""
+        path = self.modules_dir
+        for part in PurePosixPath(sub).parts:
+            path = path / part
+            if path.is_symlink():
+                raise BadInputError(
+                    path, "is a symbolic link: kmodd writes only into real directories here"
+                )
+        return path
+
     @cached_property
     def build_dir(self) -> Path | None:
         """The headers (`build` link, resolved inside the root), if they are there; a
@@ -65,15 +78,18 @@ class Kernel:
     @cached_property
     def exports_path(self) -> Path | None:
         """The first exports file there is, resolved inside the root (a Module.symvers
-        linked to a host file is read as that path inside the root)."""
-        return next((p for p in map(self._inside, self.exports_candidates()) if p), None)
+        linked to a host file is read as that path inside the root); one that is there
+        but no regular file (a FIFO) is found, and refused when read, named."""
+        found = (self._inside(p, any_kind=True) for p in self.exports_candidates())
+        return next((p for p in found if p), None)
 
-    def _inside(self, path: Path) -> Path | None:
+    def _inside(self, path: Path, *, any_kind: bool = False) -> Path | None:
         try:
             resolved = self.root.resolve(path)
         except SymlinkLoopError:
             return None
-        return resolved if resolved.is_file() else None
+        there = resolved.exists() and not resolved.is_dir() if any_kind else resolved.is_file()
+        return resolved if there else None
 
     def exports(self) -> symvers.Exports:
         path = self.exports_path
@@ -203,22 +219,31 @@ def _parse_config(path: Path, mtime_ns: int, size: int) -> tuple[tuple[str, str]
 
 def installed_releases(root: Root) -> list[str]:
     """Every kernel with a modules dir under `/lib/modules` or `/usr/lib/modules`."""
-    seen: dict[str, Path] = {}
+    seen: set[str] = set()
     for base in root.modules_dirs:
         if not base.is_dir():
             continue
         for entry in sorted(base.iterdir()):
-            if entry.is_dir() and entry.name not in seen:
-                seen[entry.name] = entry
+            if entry.name not in seen and _modules_dir(root, entry) is not None:
+                seen.add(entry.name)
     return sorted(seen, key=version_key)
+
+
+def _modules_dir(root: Root, entry: Path) -> Path | None:
+    """`entry` resolved inside the root, when it is a directory there."""
+    try:
+        resolved = root.resolve(entry)
+    except SymlinkLoopError:
+        return None
+    return resolved if resolved.is_dir() else None
 
 
 def find(root: Root, release: str) -> Kernel:
     if not release or "/" in release or release in (".", ".."):
         raise NotFoundError(f"{release!r} is not a kernel release")
     for base in root.modules_dirs:
-        candidate = base / release
-        if candidate.is_dir():
+        candidate = _modules_dir(root, base / release)
+        if candidate is not None:
             return Kernel(root, release, candidate)
     looked = " or ".join(root.outside(base / release) for base in root.modules_dirs)
     raise NotFoundError(f"kernel {release} is not installed (no {looked})")

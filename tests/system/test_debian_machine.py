@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,6 +297,73 @@ def test_after_the_purge_the_remaining_initrd_still_loads_its_modules(
 
 
 @dataclass
+class Stopped:
+    """A ten-minute build under the service, stopped by `systemctl stop`, run again at
+    the next start, then cancelled (`kmodctl cancel`)."""
+
+    stop_seconds: float
+    state_after_stop: str
+    job_after_stop: str
+    ran_again: bool
+    cancel_seconds: float
+    job_after_cancel: str
+    state_after_cancel: str
+
+
+SLOW = "sleep 600"
+_JOBS = (
+    "/opt/kmodd/bin/python -c 'import json; from kmodd.edges.dbus import Client; "
+    "print(json.dumps(Client.connect().jobs()))'"
+)
+
+
+_QUEUED_STATE = """import sqlite3
+db = sqlite3.connect("/var/lib/kmodd/state.db")
+print(db.execute("SELECT state FROM jobs WHERE source = 'kmt-slow'").fetchone()[0])
+"""
+"""The slow job's state in the queue, read while the service is stopped."""
+
+
+def slow_job(m: Machine) -> dict[str, str]:
+    return next(j for j in json.loads(m.run(_JOBS).stdout) if j["source"] == "kmt-slow")
+
+
+def seconds_until(m: Machine, running: bool, timeout: float) -> float:
+    """How long until a `sleep 600` of the slow build runs (or none does) in `m`."""
+    start = time.monotonic()
+    while (m.run(f"pgrep -x -f '{SLOW}'", check=False).returncode == 0) != running:
+        assert time.monotonic() - start < timeout, f"{SLOW} running={not running} still"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def slow_state(m: Machine) -> str:
+    (line,) = json.loads(m.run("kmodctl status --json -m kmt-slow").stdout)
+    return str(line["state"])
+
+
+def stop_and_cancel(m: Machine) -> Stopped:
+    src = write_source(m.path("/"), "kmt-slow", modules=("kmt_simple",),
+                       extra='MAKE[0]="bash ./slow.sh"\n')  # fmt: skip
+    (src / "slow.sh").write_text(f"{SLOW} &\nwait\n")
+    m.run(f"systemd-run -q --unit=kmt-install kmodctl install -m kmt-slow -k {K111}")
+    seconds_until(m, True, 120)
+    m.run("systemctl stop kmodd")
+    stop_seconds = seconds_until(m, False, 30)
+    after_stop = slow_state(m)
+    m.write("/root/slow-job.py", _QUEUED_STATE)
+    job_after_stop = m.run("/opt/kmodd/bin/python /root/slow-job.py").stdout.strip()
+    m.run("systemctl start kmodd")
+    ran_again = seconds_until(m, True, 120) >= 0
+    job = slow_job(m)
+    m.run(f"kmodctl cancel {job['id']}")
+    cancel_seconds = seconds_until(m, False, 30)
+    m.run("systemctl stop kmt-install", check=False)
+    return Stopped(stop_seconds, after_stop, job_after_stop, ran_again, cancel_seconds,
+                   slow_job(m)["state"], slow_state(m))  # fmt: skip
+
+
+@dataclass
 class Late:
     readme: subprocess.CompletedProcess[str]
     image_output: str
@@ -303,6 +371,7 @@ class Late:
     states: dict[tuple[str, str], dict[str, Any]]
     writable: dict[str, bool]
     booted: Booted
+    stopped: Stopped
 
 
 WRITES = {
@@ -329,7 +398,8 @@ def late(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Late]:
         image = apt(m, f"install linux-image-{K111}")
         headers = apt(m, f"install linux-headers-{K111}")
         writable = {path: service_may_write(m, path) for path in WRITES}
-        yield Late(readme, image, headers, status_json(m), writable, keep_initrd(m, K111, tmp))
+        states, booted = status_json(m), keep_initrd(m, K111, tmp)
+        yield Late(readme, image, headers, states, writable, booted, stop_and_cancel(m))
 
 
 def test_status_tells_sources_without_kernels_from_no_sources(late: Late) -> None:
@@ -362,6 +432,17 @@ def test_the_unit_writes_where_kmodd_needs_and_nowhere_else(late: Late) -> None:
 
 def test_late_initrd_boots_and_loads_them(late: Late, tmp_path: Path) -> None:
     assert_boots_with_its_modules(late.booted, tmp_path)
+
+
+def test_systemctl_stop_and_cancel_end_a_ten_minute_build_within_seconds(late: Late) -> None:
+    """`systemctl stop kmodd` mid-build: the build (in its sandbox, run by the unit) is
+    gone within 10 s, its job left to run again at the next start, where it does;
+    `kmodctl cancel` then ends it within 10 s, cancelled. Never left `building`."""
+    s = late.stopped
+    assert s.stop_seconds < 10 and s.cancel_seconds < 10, s
+    assert s.job_after_stop == "running" and s.ran_again, s  # `recover` queues it again
+    assert s.job_after_cancel == "cancelled", s
+    assert s.state_after_stop != "building" and s.state_after_cancel != "building", s
 
 
 # dracut instead of initramfs-tools ---------------------------------------------------------
