@@ -86,7 +86,7 @@ if command -v systemd-sysusers >/dev/null; then
     systemd-sysusers "$SYSUSERS"
 elif ! id kmodd-build >/dev/null 2>&1; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
-        --comment "kmodd: builds of kernel module sources" kmodd-build
+        --comment "kmodd builds of kernel module sources" kmodd-build
 fi
 # the modules dir the service writes, there before it starts (see the unit)
 install -D -m 0644 systemd/kmodd.tmpfiles "$TMPFILES"
