@@ -225,14 +225,19 @@ def write_test_source(root: Path, cache: BuildCache, name: str, version: str) ->
             " exit 1"
         )
     else:
-        make = f"cp -- {cache.ko}/$kernelver/{slug(tag(name, version))}/*.ko ."
-    return write_source(
+        make = "cp -- prebuilt/$kernelver/*.ko ."
+    src = write_source(
         root,
         name,
         version,
         modules=source.modules,
         extra=f'AUTOINSTALL="yes"\nMAKE[0]="{make}"\n',
     )
+    # the cache's builds of this version go with the source: its make runs in kmodd's
+    # sandbox, which shows it the root, not the cache beside it
+    for built in cache.ko.glob(f"*/{slug(tag(name, version))}"):
+        shutil.copytree(built, src / "prebuilt" / built.parent.name)
+    return src
 
 
 def tree_hash(path: Path) -> str:

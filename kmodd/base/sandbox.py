@@ -1,9 +1,11 @@
 """The sandbox package code runs in: dkms.conf, PATCH, PRE_BUILD, MAKE, POST_BUILD.
 
 bubblewrap (`bwrap`, as root: no setuid, no user namespace) gives the command its own
-mount, PID, IPC, UTS and network namespaces: the whole filesystem read-only, a private
-/tmp, only the build's own dir writable, /root, /home, the shadow files, SSH host keys
-and the module signing keys hidden, no network but its own loopback. Inside, `setpriv`
+mount, PID, IPC and UTS namespaces: the whole filesystem read-only, a private /tmp,
+only the build's own dir writable, /root, /home, the shadow files, SSH host keys and
+the module signing keys hidden. `unshare --net` gives it a network namespace with no
+interface up, not even loopback: no network at all (bwrap's own would bring loopback
+up, which needs CAP_NET_ADMIN, which a service in a container lacks). Inside, `setpriv`
 drops to the unprivileged build user with no capabilities and no way to gain any. When
 the command ends, so does its PID namespace and every process it left (the sandbox
 says which, in the command's output); killing `bwrap`'s process group, as `run` does on
@@ -26,6 +28,7 @@ from kmodd.base.errors import KmoddError
 
 BWRAP = "bwrap"
 SETPRIV = "setpriv"
+UNSHARE = "unshare"
 DEFAULT_USER = "kmodd-build"
 
 SECRET_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-",
@@ -111,8 +114,6 @@ class Sandbox:
         for writable in self.writable:
             out += ["--bind", os.fspath(writable), os.fspath(writable)]
         out += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
-        if not self.network:
-            out.append("--unshare-net")
         out += ["--die-with-parent", "--hostname", "kmodd-build"]
         out += ["--setenv", "HOME", "/tmp", "--setenv", "USER", self.user]
         if cwd is not None:
@@ -120,7 +121,7 @@ class Sandbox:
         out += ["--", SETPRIV, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
                 "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
                 "bash", "--norc", "--noprofile", "-c", _AFTER, "kmodd-sandbox", *argv]  # fmt: skip
-        return out
+        return out if self.network else [UNSHARE, "--net", "--", *out]
 
     def uid_gid(self) -> tuple[int, int]:
         """The build user's uid and gid: what its writable dirs must belong to."""
