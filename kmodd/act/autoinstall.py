@@ -11,26 +11,26 @@ import dataclasses
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from graphlib import CycleError, TopologicalSorter
+from math import inf
 from pathlib import Path
 from typing import Any
 
-import structlog
-
-from kmodd.act import builder, devices, initrd, install
+from kmodd.act import builder, devices, initrd, install, schedule
 from kmodd.act.outcome import Outcome
 from kmodd.base import fsutil
 from kmodd.base.errors import BuildError, CancelledError, KmoddError
+from kmodd.base.jobserver import Jobserver
+from kmodd.base.log import bind, get_logger
 from kmodd.base.paths import Root
 from kmodd.decide.plan import Action, Decision, plan_kernel
-from kmodd.state import store
+from kmodd.state import known, store
 from kmodd.state.states import State
 from kmodd.state.store import Record, Store, files_present
 from kmodd.world import config, dkmsconf, kernel, modfile
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _RECORDED = {
     Action.EXCLUDED: State.EXCLUDED,
@@ -43,6 +43,10 @@ _RECORDED = {
 @dataclass(frozen=True)
 class Options:
     jobs: int = os.cpu_count() or 1
+    """Jobs the machine runs at once, when no `jobserver` is given."""
+    jobserver: Jobserver | None = None
+    """The one jobserver every build takes its job slots from (the service's, or
+    kmodctl's); None: one of `jobs` tokens for this run."""
     initrd: bool = True
     only: frozenset[str] | None = None
     """Only these source names (default: every source with AUTOINSTALL=yes)."""
@@ -69,6 +73,9 @@ class _Run:
         self.relinked: set[str] = set()
         """Other kernels whose weak links this run took away: depmod runs for them too."""
         self.outcomes: list[Outcome] = []
+        self.before: dict[str, Record | None] = {}
+        """Each build's record before it started: what a cancel puts back."""
+        self.jobserver: Jobserver | None = None
         self.contested: list[tuple[Decision, builder.BuildResult | None]] = []
         """Weak links and builds whose module name another source had installed when
         they were ready: settled once every build of the run is done, so a conflict
@@ -282,73 +289,56 @@ class _Run:
     # builds ------------------------------------------------------------------------------
 
     def _build_all(self, builds: list[Decision]) -> None:
-        """Build in parallel in BUILD_DEPENDS order (graphlib), REMAKE_INITRD sources
-        first among those ready. A cycle fails its members, named; what depends on a
-        failed source fails too; the rest go on."""
-        by_name = {d.name: d for d in builds}
-        graph = {d.name: set(_depends(d)) & by_name.keys() for d in builds}
-        failed: set[str] = set()
-        for cycle in _break_cycles(graph):
-            for name in dict.fromkeys(cycle):
-                failed.add(name)
-                self._failed(by_name[name], f"BUILD_DEPENDS cycle: {' -> '.join(cycle)}", None)
-        order = TopologicalSorter(graph)
-        order.prepare()
-        running: dict[Future[builder.BuildResult], Decision] = {}
-        before: dict[str, Record | None] = {}
-        cancelled = False
-        workers = max(1, min(self.options.jobs, len(builds)))
-        make_jobs = max(1, (os.cpu_count() or 1) // workers)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            while order.is_active() and not cancelled:
-                ready = [by_name[name] for name in order.get_ready()]
-                for d in sorted(ready, key=lambda d: not (d.conf and d.conf.remake_initrd)):
-                    blocked = [dep for dep in _depends(d) if dep in failed]
-                    if blocked:
-                        failed.add(d.name)
-                        self._failed(d, f"BUILD_DEPENDS {', '.join(blocked)} failed", None)
-                        order.done(d.name)
-                    else:
-                        before[d.name] = self.db.record(d.name, d.version, d.kernel)
-                        self._keep_files(d, State.BUILDING, d.reason)
-                        running[pool.submit(self._build_one, d, make_jobs)] = d
-                if not running:
-                    continue  # only failures were ready: what they unblocked is next
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    d = running.pop(future)
-                    if isinstance(future.exception(), CancelledError):
-                        cancelled = True
-                        self._restore(d, before[d.name])
-                        continue
-                    if not self._finish(d, future):
-                        failed.add(d.name)
-                    order.done(d.name)
-            for future, d in running.items():  # cancelled too: their commands are killed
-                if isinstance(future.exception(), CancelledError):
-                    self._restore(d, before[d.name])
-                else:
-                    self._finish(d, future)
-        if cancelled or (self.options.cancel is not None and self.options.cancel.is_set()):
+        """Build in parallel in BUILD_DEPENDS order, on the jobserver's tokens: the
+        REMAKE_INITRD sources first among those ready, then the longest expected."""
+        self.jobserver = self.options.jobserver or Jobserver(self.options.jobs)
+        try:
+            stopped = schedule.run(
+                builds, self, self.jobserver, urgency=self._urgency, cancel=self.options.cancel
+            )
+        finally:
+            if self.options.jobserver is None:
+                self.jobserver.close()
+        if stopped:
             raise CancelledError(f"cancelled: the builds for {self.k.release} were stopped")
 
-    def _restore(self, d: Decision, old: Record | None) -> None:
-        """A cancelled build leaves the record as it was before (never `building`)."""
-        if old is None:
-            self.db.delete(d.name, d.version, d.kernel)
-        else:
-            self.db.put(old)
+    def _urgency(self, d: Decision) -> tuple[object, ...]:
+        """Sorts first what should start first: initrd modules, then the longest build
+        (as long as it took last time; never built: first of all)."""
+        expected = self.db.duration(d.name)
+        return (not (d.conf and d.conf.remake_initrd), -(expected if expected else inf))
 
-    def _build_one(self, d: Decision, make_jobs: int) -> builder.BuildResult:
-        structlog.contextvars.bind_contextvars(module=d.name, kver=d.kernel)
+    # schedule.Builds: what the scheduler calls -----------------------------------------
+
+    def started(self, d: Decision) -> None:
+        self.before[d.name] = self.db.record(d.name, d.version, d.kernel)
+        self._keep_files(d, State.BUILDING, d.reason)
+
+    def build(self, d: Decision) -> builder.BuildResult:
+        bind(module=d.name, kver=d.kernel)
+        assert self.jobserver is not None
         return builder.build(
             self.root,
             d.source,
             self.k,
             config=self.config,
-            jobs=make_jobs,
+            jobserver=self.jobserver,
             cancel=self.options.cancel,
         )
+
+    def failed(self, d: Decision, problem: str) -> None:
+        self._failed(d, problem, None)
+
+    def restore(self, d: Decision) -> None:
+        """A cancelled build leaves the record as it was before (never `building`)."""
+        old = self.before.get(d.name)
+        if old is None:
+            self.db.delete(d.name, d.version, d.kernel)
+        else:
+            self.db.put(old)
+
+    def finish(self, d: Decision, future: Future[builder.BuildResult]) -> bool:
+        return self._finish(d, future)
 
     def _finish(self, d: Decision, future: Future[builder.BuildResult]) -> bool:
         try:
@@ -365,11 +355,14 @@ class _Run:
         return self._install(d, result)
 
     def _install(self, d: Decision, result: builder.BuildResult) -> bool:
+        self.db.put_duration(d.name, d.version, d.kernel, result.seconds)
         try:
             self._install_hook(result.conf, "PRE_INSTALL")
             old = self._about_to_write(d, install.build_targets(self.root, self.k, result))
             paths = install.install_build(self.root, self.k, result)
             files = tuple(self.root.outside(p) for p in paths)
+            for built, path in zip(result.modules, paths, strict=True):
+                known.remember(self.db, path, built.info)
         except BuildError as err:
             self._failed(d, err.problem, err.log)
             return False
@@ -451,26 +444,3 @@ class _Run:
             files=old.files if old else (),
             remake_initrd=old.remake_initrd if old else False,
         )
-
-
-def _depends(d: Decision) -> tuple[str, ...]:
-    return d.conf.build_depends if d.conf else ()
-
-
-def _break_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Take every BUILD_DEPENDS cycle out of `graph` (name -> the names it needs), with
-    its members wherever they are needed; returns the cycles, each as graphlib names it
-    (`a, b, a`), so each can fail with its cycle named."""
-    cycles = []
-    while True:
-        try:
-            TopologicalSorter(graph).prepare()
-        except CycleError as err:
-            cycle = [str(name) for name in err.args[1]]
-            cycles.append(cycle)
-            for name in cycle:
-                graph.pop(name, None)
-            for needs in graph.values():
-                needs.difference_update(cycle)
-        else:
-            return cycles

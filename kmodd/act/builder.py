@@ -14,15 +14,16 @@ import shlex
 import shutil
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from kmodd.base import fsutil
 from kmodd.base.errors import BuildError, CancelledError, CommandError, KmoddError
+from kmodd.base.jobserver import Jobserver
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.base.run import run
 from kmodd.world import dkmsconf, modfile
@@ -31,7 +32,7 @@ from kmodd.world.config import Config
 from kmodd.world.dkmsconf import ModuleSpec, SourceConfig, SourceDir
 from kmodd.world.kernel import Kernel
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 Step = Callable[[list[str]], None]
 
 
@@ -40,6 +41,8 @@ class BuiltModule:
     spec: ModuleSpec
     path: Path
     """The finished module (stripped, signed, compressed) in kmodd's build store."""
+    info: modfile.ModuleInfo
+    """What it holds (read once, from the finished module), for the verdicts to come."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class BuildResult:
     conf: SourceConfig
     modules: tuple[BuiltModule, ...]
     log: Path
+    seconds: float = 0.0
+    """How long the build took, wall time (what the next build of it is expected to)."""
 
 
 def store_dir(root: Root, name: str, version: str, kernel: str, arch: str) -> Path:
@@ -59,7 +64,7 @@ def build(
     k: Kernel,
     *,
     config: Config,
-    jobs: int,
+    jobserver: Jobserver,
     cancel: threading.Event | None = None,
 ) -> BuildResult:
     """Build `source` for kernel `k`; raises BuildError naming the step and the log,
@@ -84,10 +89,12 @@ def build(
         logfile.write_text(f"# kmodd build of {conf.name}/{conf.version} for {k.release} {arch}\n")
         bound = log.bind(module=conf.name, kver=k.release)
         bound.info("building", log=os.fspath(logfile))
+        began = time.monotonic()
         try:
             modules = _build_in(
-                root, conf, k, work, out, logfile, config=config, jobs=jobs, cancel=cancel
-            )
+                root, conf, k, work, out, logfile, config=config, jobserver=jobserver,
+                cancel=cancel,
+            )  # fmt: skip
         except CancelledError:
             with logfile.open("a") as f:
                 f.write("# kmodd: build cancelled\n")
@@ -101,8 +108,9 @@ def build(
             raise BuildError(
                 f"{conf.name}/{conf.version} for {k.release}", problem, logfile
             ) from err
-        bound.info("built", modules=[m.path.name for m in modules])
-        return BuildResult(conf, modules, logfile)
+        seconds = time.monotonic() - began
+        bound.info("built", modules=[m.path.name for m in modules], seconds=round(seconds, 1))
+        return BuildResult(conf, modules, logfile, seconds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -157,7 +165,7 @@ def _build_in(
     logfile: Path,
     *,
     config: Config,
-    jobs: int,
+    jobserver: Jobserver,
     cancel: threading.Event | None,
 ) -> tuple[BuiltModule, ...]:
     assert k.build_dir is not None
@@ -169,12 +177,12 @@ def _build_in(
     else:
         with logfile.open("a") as f:
             f.write("# kmodd: no sandbox for this source (sandbox.NAME = off in kmodd.conf)\n")
-    env = {"kernelver": k.release, "arch": conf.arch}
+    env = {"kernelver": k.release, "arch": conf.arch, "MAKEFLAGS": jobserver.makeflags()}
     timeout = config.build_timeout
 
     def step(argv: list[str]) -> None:
         run(argv, cwd=build_dir, env=env, timeout=timeout, log_file=logfile, cancel=cancel,
-            sandbox=sandbox)  # fmt: skip
+            sandbox=sandbox, pass_fds=jobserver.fds)  # fmt: skip
 
     def privileged(argv: list[str]) -> None:
         run(argv, cwd=build_dir, env=env, timeout=timeout, log_file=logfile, cancel=cancel)
@@ -187,9 +195,10 @@ def _build_in(
         f"M={shlex.quote(os.fspath(build_dir))}"
     )
     make = conf.make or default
-    # as DKMS does: the leading `make` gets the parallelism and the kernel release
-    if make.startswith("make"):
-        make = f"make -j{jobs} KERNELRELEASE={k.release}" + make[len("make") :]
+    # as DKMS does, a dkms.conf's leading `make` gets the kernel release; the
+    # parallelism comes from kmodd's one jobserver, through MAKEFLAGS, to every make
+    if conf.make and make.startswith("make"):
+        make = f"make KERNELRELEASE={k.release}" + make[len("make") :]
     step(["bash", "-c", make])
     _hook(conf.post_build, build_dir, step)
 
@@ -201,9 +210,10 @@ def _build_in(
             privileged(["strip", "-g", os.fspath(produced)])
         _sign(k, config, produced, privileged)
         artefact = out / f"{spec.dest_name}.ko{k.compression.value}"
-        fsutil.atomic_write(root, artefact, compress(k.compression, produced.read_bytes()))
+        finished = produced.read_bytes()
+        fsutil.atomic_write(root, artefact, compress(k.compression, finished))
         kept.add(artefact.name)
-        built.append(BuiltModule(spec, artefact))
+        built.append(BuiltModule(spec, artefact, modfile.parse(artefact, finished)))
     for stale in out.glob("*.ko*"):
         if stale.name not in kept:
             stale.unlink()

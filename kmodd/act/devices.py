@@ -9,14 +9,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pyudev
-import structlog
 
 from kmodd.base.errors import CommandError
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.base.run import run
 from kmodd.world import modfile
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def present_modaliases() -> list[str]:

@@ -16,16 +16,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import structlog
-
 from kmodd.base.errors import KmoddError, NotFoundError
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.base.run import BASE_ENV, run
 from kmodd.state.states import State
 from kmodd.state.store import InitrdCheck, Store, files_present
 from kmodd.world import distro, modfile
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _LIST_TIMEOUT = 300
 _REMAKE_TIMEOUT = 900

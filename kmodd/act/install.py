@@ -12,17 +12,16 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-import structlog
-
 from kmodd.act.builder import BuildResult
 from kmodd.base import fsutil
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.base.run import run
 from kmodd.world import distro, modfile
 from kmodd.world.dkmsconf import ModuleSpec
 from kmodd.world.kernel import Kernel
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def dest_dir(root: Root, k: Kernel, spec: ModuleSpec) -> Path:

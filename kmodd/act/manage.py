@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import structlog
-
 from kmodd.act import builder, initrd, install
 from kmodd.act.autoinstall import Options, autoinstall
 from kmodd.act.outcome import Outcome
+from kmodd.base import fsutil
 from kmodd.base.errors import BuildError, KmoddError, NotFoundError, UsageError
+from kmodd.base.jobserver import Jobserver
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.decide import plan
 from kmodd.decide.plan import Action
@@ -21,7 +22,7 @@ from kmodd.state.store import Record, Store
 from kmodd.world import config, dkms_tree, dkmsconf, kernel
 from kmodd.world.dkmsconf import SourceDir
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def find_source(root: Root, spec: str) -> SourceDir:
@@ -35,13 +36,13 @@ def find_source(root: Root, spec: str) -> SourceDir:
     return max(matches, key=lambda s: kernel.version_key(s.version))
 
 
-def build_only(root: Root, spec: str, release: str, jobs: int) -> Outcome:
+def build_only(root: Root, spec: str, release: str, jobserver: Jobserver) -> Outcome:
     source = find_source(root, spec)
     k = kernel.find(root, release)
     arch = k.arch or os.uname().machine
     with store.lock(root), Store.open(root) as db:
         try:
-            result = builder.build(root, source, k, config=config.load(root), jobs=jobs)
+            result = builder.build(root, source, k, config=config.load(root), jobserver=jobserver)
         except BuildError as err:
             logfile = None if err.log is None else os.fspath(err.log)
             db.put(
@@ -176,6 +177,7 @@ def remove_kernel(root: Root, release: str) -> list[Outcome]:
         for r in db.records(kernel=release):
             install.remove_files(root, list(r.files))
         db.delete_kernel(release)
+        fsutil.remove(root, root.state_dir / "exports" / release)
     log.info("kernel removed", kver=release)
     return outcomes
 

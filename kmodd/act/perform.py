@@ -17,6 +17,7 @@ from kmodd.act import manage
 from kmodd.act.autoinstall import Options, autoinstall
 from kmodd.act.outcome import Outcome
 from kmodd.act.request import Request, Verb
+from kmodd.base.jobserver import Jobserver
 from kmodd.base.paths import Root
 from kmodd.decide.plan import Action
 from kmodd.state.states import State
@@ -41,11 +42,13 @@ def before(root: Root, request: Request) -> list[Request]:
 
 
 def perform(
-    root: Root, request: Request, jobs: int, cancel: threading.Event | None = None
+    root: Root, request: Request, jobserver: Jobserver, cancel: threading.Event | None = None
 ) -> list[Outcome]:
     """The request's own work, under the writers' lock; `cancel` set stops its builds
     (CancelledError), leaving what they would have replaced in place."""
-    options = Options(jobs=jobs, initrd=request.initrd, avoid_kernels=request.avoid, cancel=cancel)
+    options = Options(
+        jobserver=jobserver, initrd=request.initrd, avoid_kernels=request.avoid, cancel=cancel
+    )
     if request.verb is Verb.AUTOINSTALL:
         return autoinstall(root, request.kernel, options)
     if request.verb is Verb.INSTALL:
@@ -72,14 +75,14 @@ def after(request: Request, outcomes: list[Outcome]) -> list[Request]:
 
 
 def run_here(
-    root: Root, request: Request, jobs: int, cancel: threading.Event | None = None
+    root: Root, request: Request, jobserver: Jobserver, cancel: threading.Event | None = None
 ) -> list[Outcome]:
     """Without the service: `before`, the request, `after`, one after another."""
     outcomes: list[Outcome] = []
     for first in before(root, request):
-        outcomes += perform(root, first, jobs, cancel)
-    mine = perform(root, request, jobs, cancel)
+        outcomes += perform(root, first, jobserver, cancel)
+    mine = perform(root, request, jobserver, cancel)
     outcomes += mine
     for then in after(request, mine):
-        outcomes += perform(root, then, jobs, cancel)
+        outcomes += perform(root, then, jobserver, cancel)
     return outcomes

@@ -8,12 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
-import structlog
-
 from kmodd.base.errors import KmoddError
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _TREES = ("updates", "extra", "weak-updates")
 """Where kmodd writes in a kernel's module dir (atomic writes leave `.NAME.*.tmp`)."""

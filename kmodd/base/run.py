@@ -28,12 +28,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-import structlog
-
 from kmodd.base.errors import CancelledError, CommandError
+from kmodd.base.log import get_logger
 from kmodd.base.sandbox import Sandbox
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -68,6 +67,7 @@ def run(
     max_output: int = MAX_OUTPUT,
     cancel: threading.Event | None = None,
     sandbox: Sandbox | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `argv` and return its result with stdout and stderr as bytes, or, with
     `log_file`, both appended to that file (the error then carries its tail). A
@@ -80,12 +80,12 @@ def run(
         with log_file.open("ab") as out:
             out.write(f"+ {shlex.join(args)}\n".encode())
             out.flush()
-            code = _run(started, full_env, cwd, timeout, input, out, out, cancel, args)
+            code = _run(started, full_env, cwd, timeout, input, out, out, cancel, args, pass_fds)
         if check and code != 0:
             raise CommandError(args, code, _tail(log_file))
         return subprocess.CompletedProcess(args, code, b"", b"")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        code = _run(started, full_env, cwd, timeout, input, out, err, cancel, args)
+        code = _run(started, full_env, cwd, timeout, input, out, err, cancel, args, pass_fds)
         stderr = _read_tail(err)
         if out.seek(0, os.SEEK_END) > max_output:
             problem = f"printed more than {max_output} bytes"
@@ -107,6 +107,7 @@ def _run(
     stderr: IO[bytes],
     cancel: threading.Event | None,
     named: list[str],
+    pass_fds: tuple[int, ...] = (),
 ) -> int:
     """Run `args`, reported in errors as `named` (the command before its sandbox)."""
     if cancel is not None and cancel.is_set():
@@ -126,6 +127,7 @@ def _run(
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         except FileNotFoundError as err:
             raise CommandError(named, 127, "", problem="not found") from err

@@ -14,9 +14,10 @@ from pathlib import Path
 from kmodd.base.errors import KmoddError
 from kmodd.base.paths import Root
 from kmodd.decide import verdict
+from kmodd.state import known
 from kmodd.state.states import State
 from kmodd.state.store import Store, files_present
-from kmodd.world import config, dkms_tree, dkmsconf, kernel, modfile
+from kmodd.world import config, dkms_tree, dkmsconf, kernel
 from kmodd.world.dkmsconf import SourceConfig, SourceDir
 
 
@@ -103,7 +104,7 @@ class _Planner:
     def target(self) -> verdict.Target | None:
         if self._target is None and self._target_problem is None:
             try:
-                exports = self.k.exports()
+                exports = known.exports(self.root, self.k, write=not self.store.readonly)
             except KmoddError as err:
                 self._target_problem = str(err)
             else:
@@ -165,7 +166,7 @@ class _Planner:
         for record in sorted(candidates, key=lambda r: kernel.version_key(r.kernel), reverse=True):
             files = [self.root.real(f) for f in record.files]
             try:
-                verdicts = verdict.judge(modfile.read_many(files), target)
+                verdicts = verdict.judge(known.modules(self.store, files), target)
             except KmoddError as err:
                 reasons.append(f"{record.kernel}: {err}")
                 continue

@@ -10,6 +10,7 @@ from typing import Any
 
 from kmodd.base.paths import Root
 from kmodd.decide import verdict
+from kmodd.state import known
 from kmodd.world import kernel, modfile
 
 # Where out-of-tree modules live inside a kernel's modules dir (weak-updates holds links)
@@ -26,13 +27,15 @@ class Report:
         return all(v.reusable for v in self.verdicts)
 
 
-def target_of(k: kernel.Kernel) -> verdict.Target:
-    return verdict.Target(k.release, k.exports(), k.vermagic_flags, k.arch)
+def target_of(root: Root, k: kernel.Kernel) -> verdict.Target:
+    """What `k` offers, its exports from kmodd's index of them when there is one."""
+    exports = known.exports(root, k, write=False)
+    return verdict.Target(k.release, exports, k.vermagic_flags, k.arch)
 
 
 def check_files(root: Root, release: str, paths: Sequence[Path]) -> Report:
     """Judge `paths`, one package, against kernel `release`."""
-    target = target_of(kernel.find(root, release))
+    target = target_of(root, kernel.find(root, release))
     package = modfile.read_many(paths)
     return Report(release, tuple(verdict.judge(package, target)))
 
@@ -57,7 +60,7 @@ def check_installed(root: Root, releases: Sequence[str] | None = None) -> list[R
     packages = {r: installed_out_of_tree(k) for r, k in kernels.items()}
     reports = []
     for release in releases or all_releases:
-        target = target_of(kernels.get(release) or kernel.find(root, release))
+        target = target_of(root, kernels.get(release) or kernel.find(root, release))
         verdicts: list[verdict.Verdict] = []
         for source, paths in packages.items():
             if source != release and paths:

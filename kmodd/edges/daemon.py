@@ -10,12 +10,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-import structlog
-
 from kmodd import __version__
 from kmodd.act import recover
 from kmodd.base import log, run
 from kmodd.base.errors import KmoddError
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.edges import dbus, notify
 from kmodd.edges.watch import Watcher
@@ -24,7 +23,7 @@ from kmodd.service.core import Service
 from kmodd.state import store
 from kmodd.world import dkmsconf
 
-logger = structlog.get_logger("kmodd")
+logger = get_logger("kmodd")
 
 
 def _source_name(service: Service, dir_name: str) -> str:
@@ -52,13 +51,15 @@ def _on_event(service: Service, event: WatchEvent) -> None:
         logger.warning("event not acted on", what=event.kind.value, name=event.name, error=str(err))
 
 
-async def serve(root: Root, concurrency: int) -> None:
+async def serve(root: Root, concurrency: int, jobs: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     recover.clean_litter(root)  # under the writers' lock, before any job runs
-    service = Service(root, concurrency=concurrency, running_kernel=os.uname().release)
+    service = Service(
+        root, concurrency=concurrency, running_kernel=os.uname().release, build_jobs=jobs
+    )
     bus = await dbus.serve(service)
     watcher = Watcher(root, lambda event: _on_event(service, event), loop=loop)
     watcher.start()
@@ -84,13 +85,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="kernels worked on at once (default 2)",
     )
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="jobs all builds run at once, through one make jobserver (default: CPUs)",
+    )
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     log.configure(debug=args.debug, level=20)
     root = Root.at(args.root or os.environ.get("KMODD_ROOT") or "/")
     try:
         with store.lock(root, wait=False):
-            asyncio.run(serve(root, args.concurrency))
+            asyncio.run(serve(root, args.concurrency, args.jobs))
     except KmoddError as err:
         print(f"kmodd: {err}", file=sys.stderr)
         return err.exit_code

@@ -14,7 +14,6 @@ import queue
 from collections.abc import Iterator
 from pathlib import Path
 
-import structlog
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
@@ -28,7 +27,9 @@ from watchdog.events import (
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
-log = structlog.get_logger(__name__)
+from kmodd.base.log import get_logger
+
+log = get_logger(__name__)
 
 _NOTICED: list[type[FileSystemEvent]] = [
     FileCreatedEvent,

@@ -36,14 +36,14 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
-import structlog
 from watchdog.events import DirDeletedEvent, FileDeletedEvent, FileSystemEvent, FileSystemMovedEvent
 
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root, SymlinkLoopError
 from kmodd.edges.dirwatch import DirWatches
 from kmodd.edges.watch_events import Debouncer, Key, WatchEvent, What
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _MAX_ROUNDS = 16
 _SYMVERS = "Module.symvers"

@@ -10,22 +10,22 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
-import structlog
 
 from kmodd.act import manage, perform
 from kmodd.act.outcome import Outcome
 from kmodd.act.request import ANY_KERNEL, Request, Verb
 from kmodd.base.errors import CancelledError, KmoddError, NotFoundError
-from kmodd.base.paths import Root, SymlinkLoopError
+from kmodd.base.jobserver import Jobserver
+from kmodd.base.log import bind, get_logger
+from kmodd.base.paths import Root
 from kmodd.decide.plan import Decision, plan_for
+from kmodd.service import answers
 from kmodd.service.jobs import Job, JobQueue, JobState, Priority
 from kmodd.state import report
 from kmodd.state.store import Store
 from kmodd.world import kernel
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 JobListener = Callable[[Job], None]
 ReadyListener = Callable[[str, bool], None]
@@ -45,7 +45,8 @@ class Service:
         self.root = root
         self.concurrency = max(1, concurrency)
         self.running_kernel = running_kernel
-        self.build_jobs = build_jobs
+        self.jobserver = Jobserver(max(1, build_jobs))
+        """The one jobserver of every build the service runs, whatever its kernel."""
         self.queue = JobQueue(root)
         self.on_job: list[JobListener] = []
         self.on_ready: list[ReadyListener] = []
@@ -55,10 +56,10 @@ class Service:
         self._ready: dict[str, asyncio.Event] = {}
         self._running: dict[int, asyncio.Task[None]] = {}
         self._cancels: dict[int, threading.Event] = {}
-        self._plans: dict[str, tuple[object, list[Decision]]] = {}
-        self._plan_lock = threading.Lock()
+        self._plans: answers.Cached[list[Decision]] = answers.Cached()
+        self._status: answers.Cached[list[report.Line]] = answers.Cached(answers.STATUS_MAX_AGE)
         self._generation = 0
-        """Bumped whenever a job changes state: cached plans are then stale."""
+        """Bumped whenever a job changes state: cached answers are then stale."""
         self._busy: list[str] = []
         self._scheduler: asyncio.Task[None] | None = None
         self._stopping = False
@@ -88,26 +89,38 @@ class Service:
             await asyncio.wait(running, timeout=grace)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.queue.close()
+        self.jobserver.close()
 
     # the calls the edges make ------------------------------------------------------------
 
     def status(self, module: str | None = None, release: str | None = None) -> list[report.Line]:
+        """Every source against every kernel (`answers`: from a cache while nothing it
+        is made of changed), then those of `module` and `release` (NotFoundError when
+        no such kernel is installed)."""
+        if release:
+            kernel.find(self.root, release)
+        lines = self._status.get("", self._inputs(answers.status_inputs), self._all_status)
+        return [
+            line
+            for line in lines
+            if (not module or line.module == module) and (not release or line.kernel == release)
+        ]
+
+    def _all_status(self) -> list[report.Line]:
         with Store.open(self.root, readonly=True) as db:
-            return report.status(self.root, db, name=module or None, release=release or None)
+            return report.status(self.root, db)
+
+    def _inputs(self, stats: Callable[[Root], object]) -> Callable[[], object]:
+        return lambda: (self._generation, stats(self.root))
 
     def plan(self, release: str) -> list[Decision]:
-        """`plan_for`, from a cache refreshed when a job changes something or a source,
-        an override, the settings or the kernel's exports change: callers (anyone may
-        ask) never make root evaluate every dkms.conf once per call, and one computes
-        while the others wait for its answer."""
-        with self._plan_lock:
-            key = (self._generation, _plan_inputs(self.root, release))
-            held = self._plans.get(release)
-            if held is not None and held[0] == key:
-                return held[1]
-            decisions = plan_for(self.root, release)
-            self._plans[release] = (key, decisions)
-            return decisions
+        """`plan_for` (`answers`: from a cache refreshed when a job changes something or
+        a source, an override, the settings or the kernel's exports change)."""
+        return self._plans.get(
+            release,
+            self._inputs(lambda root: answers.plan_inputs(root, release)),
+            lambda: plan_for(self.root, release),
+        )
 
     def submit(self, request: Request) -> Job:
         """Queue `request` (checked first: its kernel and source exist), after the
@@ -218,7 +231,7 @@ class Service:
             await self._wake.wait()
 
     async def _run(self, job: Job) -> None:
-        structlog.contextvars.bind_contextvars(job=job.id, kver=job.kernel)
+        bind(job=job.id, kver=job.kernel)
         loop = asyncio.get_running_loop()
         cancel = self._cancels.setdefault(job.id, threading.Event())
         try:
@@ -250,7 +263,7 @@ class Service:
         self._kernel_maybe_ready(job.kernel)
 
     def _execute(self, job: Job, cancel: threading.Event) -> list[Outcome]:
-        return perform.perform(self.root, job.request, self.build_jobs, cancel)
+        return perform.perform(self.root, job.request, self.jobserver, cancel)
 
     # events --------------------------------------------------------------------------------
 
@@ -283,37 +296,6 @@ class Service:
             self._busy = busy
             for listener in self.on_busy:
                 listener(busy)
-
-
-def _plan_inputs(root: Root, release: str) -> tuple[object, ...]:
-    """What a plan for `release` is made of, as cheap stats: each source's dkms.conf,
-    the overrides, kmodd's settings, the kernel's exports and its modules dir."""
-
-    def stamp(path: Path) -> tuple[int, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
-
-    sources = root.usr_src
-    confs = (
-        tuple((e.name, stamp(e / "dkms.conf")) for e in sorted(sources.iterdir()))
-        if sources.is_dir()
-        else ()
-    )
-    moddir = root.path(f"/lib/modules/{release}")
-    try:
-        symvers: tuple[int, int] | None = stamp(root.resolve(moddir / "build") / "Module.symvers")
-    except SymlinkLoopError:
-        symvers = None
-    return (
-        confs,
-        stamp(root.dkms_overrides),
-        stamp(root.config_file),
-        stamp(moddir),
-        symvers,
-    )
 
 
 def default_kernel(root: Root) -> str | None:

@@ -33,6 +33,14 @@ CREATE TABLE IF NOT EXISTS records (
     state TEXT NOT NULL, weak_from TEXT, log TEXT, detail TEXT, files TEXT NOT NULL DEFAULT '[]',
     remake_initrd INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL,
     PRIMARY KEY (name, version, kernel, arch));
+-- what kmodd read of a module file (its modversions, imports, exports, .modinfo), while
+-- the file is the same: verdicts for a new kernel read no module again
+CREATE TABLE IF NOT EXISTS modules (
+    path TEXT PRIMARY KEY, identity TEXT NOT NULL, digest TEXT NOT NULL, info TEXT NOT NULL);
+-- how long the last build of each source took: the longest expected builds start first
+CREATE TABLE IF NOT EXISTS durations (
+    name TEXT PRIMARY KEY, version TEXT NOT NULL, kernel TEXT NOT NULL,
+    seconds REAL NOT NULL, finished REAL NOT NULL);
 -- the last listing of a kernel's initrd (added in place: older readers ignore it)
 CREATE TABLE IF NOT EXISTS initrds (
     kernel TEXT PRIMARY KEY, image TEXT NOT NULL, mtime_ns INTEGER NOT NULL,
@@ -130,6 +138,7 @@ class Store:
         """The state at `path`; `readonly` never writes, nor creates, anything (status,
         any user, any root: a mistyped --root stays untouched)."""
         self.path = path
+        self.readonly = readonly
         try:
             if readonly:
                 self._db = _connect_readonly(path)
@@ -144,7 +153,8 @@ class Store:
             if not readonly:
                 self._db.executescript(_SCHEMA)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            self._has_initrds = "initrds" in _tables(self._db)
+            self._tables = _tables(self._db)
+            self._has_initrds = "initrds" in self._tables
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{path}: cannot open kmodd's state: {describe(err, path)}") from err
 
@@ -228,6 +238,7 @@ class Store:
     def delete_kernel(self, kernel: str) -> None:
         self._db.execute("DELETE FROM records WHERE kernel = ?", (kernel,))
         self.forget_initrd(kernel)
+        self.forget_kernel_modules(kernel)
 
     def records(self, *, name: str | None = None, kernel: str | None = None) -> list[Record]:
         query = "SELECT * FROM records WHERE (? IS NULL OR name = ?) AND (? IS NULL OR kernel = ?)"
@@ -242,6 +253,46 @@ class Store:
             (name, version, kernel),
         ).fetchall()
         return _record(rows[0]) if rows else None
+
+    # what module files hold (state/known.py) ---------------------------------------------
+
+    def module_row(self, path: str) -> tuple[str, str, str] | None:
+        """(identity, digest, info) recorded for the module file at `path`."""
+        if "modules" not in self._tables:
+            return None
+        row = self._db.execute(
+            "SELECT identity, digest, info FROM modules WHERE path = ?", (path,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
+
+    def put_module_row(self, path: str, identity: str, digest: str, info: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO modules (path, identity, digest, info) VALUES (?, ?, ?, ?)",
+            (path, identity, digest, info),
+        )
+
+    def forget_kernel_modules(self, kernel: str) -> None:
+        """Forget what files in `kernel`'s modules dir held (the kernel is gone)."""
+        if "modules" in self._tables:
+            literal = kernel.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            self._db.execute(
+                "DELETE FROM modules WHERE path LIKE ? ESCAPE '!'", (f"%/modules/{literal}/%",)
+            )
+
+    # build durations --------------------------------------------------------------------
+
+    def put_duration(self, name: str, version: str, kernel: str, seconds: float) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO durations (name, version, kernel, seconds, finished) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (name, version, kernel, seconds, time.time()),
+        )
+
+    def duration(self, name: str) -> float | None:
+        """How long the last build of source `name` took (any version, any kernel)."""
+        row = self._db.execute("SELECT seconds FROM durations WHERE name = ?", (name,))
+        found = row.fetchone()
+        return None if found is None else float(found[0])
 
     # initrd checks ----------------------------------------------------------------------
 

@@ -25,14 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import structlog
-
 from kmodd.base.errors import BadInputError, CommandError, NotFoundError, ended
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.base.run import run
 from kmodd.base.sandbox import LEFT_BEHIND, Sandbox
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # The directives kmodd reads, written as DKMS writes its own list (dkms_conf_variables)
 _DIRECTIVE_LIST = """

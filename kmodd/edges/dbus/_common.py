@@ -11,7 +11,6 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import PropertyAccess
 from dbus_next.errors import DBusError
@@ -19,13 +18,14 @@ from dbus_next.service import dbus_property, signal
 from dbus_next.service import method as dbus_method
 
 from kmodd.base.errors import AccessDeniedError, KmoddError
+from kmodd.base.log import get_logger
 
 if TYPE_CHECKING:
     from kmodd.decide.plan import Decision
     from kmodd.service.jobs import Job
     from kmodd.state.report import Line
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 BUS_NAME = "io.kmodd1"
 OBJECT_PATH = "/io/kmodd1"

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import os
 
-import structlog
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import MessageType
 from dbus_next.errors import DBusError
 from dbus_next.message import Message
 
-log = structlog.get_logger(__name__)
+from kmodd.base.log import get_logger
+
+log = get_logger(__name__)
 
 LOGIND = "org.freedesktop.login1"
 LOGIND_PATH = "/org/freedesktop/login1"

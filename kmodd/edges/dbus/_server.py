@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, MessageFlag, MessageType, NameFlag, RequestNameReply
 from dbus_next.errors import AuthError, DBusError, InvalidAddressError
@@ -34,6 +33,7 @@ from dbus_next.signature import SignatureTree, Variant
 from kmodd import __version__
 from kmodd.act.request import Request, check_release, check_source
 from kmodd.base.errors import AccessDeniedError, KmoddError, NotFoundError, UsageError
+from kmodd.base.log import get_logger
 from kmodd.edges.dbus._common import (
     BUS_NAME,
     INTERFACE,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from kmodd.service.core import Service
     from kmodd.service.jobs import Job
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
