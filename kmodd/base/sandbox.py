@@ -114,7 +114,7 @@ class Sandbox:
         for writable in self.writable:
             out += ["--bind", os.fspath(writable), os.fspath(writable)]
         out += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
-        out += ["--die-with-parent", "--hostname", "kmodd-build"]
+        out += ["--die-with-parent"]  # (no --hostname: ProtectHostname= forbids it)
         out += ["--setenv", "HOME", "/tmp", "--setenv", "USER", self.user]
         if cwd is not None:
             out += ["--chdir", os.fspath(cwd)]
