@@ -17,18 +17,19 @@ from math import inf
 from pathlib import Path
 from typing import Any
 
-from kmodd.act import builder, devices, initrd, install, schedule
+from kmodd.act import artefact, builder, cache, devices, initrd, install, schedule
 from kmodd.act.outcome import Outcome
 from kmodd.base import fsutil
 from kmodd.base.errors import BuildError, CancelledError, KmoddError
 from kmodd.base.jobserver import Jobserver
 from kmodd.base.log import bind, get_logger
 from kmodd.base.paths import Root
+from kmodd.decide import verdict
 from kmodd.decide.plan import Action, Decision, plan_kernel
 from kmodd.state import known, store
 from kmodd.state.states import State
 from kmodd.state.store import Record, Store, files_present
-from kmodd.world import config, dkmsconf, kernel, modfile
+from kmodd.world import buildkey, config, dkmsconf, kernel, modfile
 
 log = get_logger(__name__)
 
@@ -67,6 +68,7 @@ class _Run:
         self.root, self.db, self.k, self.options = root, db, k, options
         self.arch = k.arch or os.uname().machine
         self.config = config.load(root)
+        self.cache = cache.Cache(root, self.config)
         self.changed = False
         self.remake_initrd = False
         self.installed_now: list[Path] = []
@@ -315,9 +317,18 @@ class _Run:
         self._keep_files(d, State.BUILDING, d.reason)
 
     def build(self, d: Decision) -> builder.BuildResult:
+        """The module cache's build of `d` when it has one that checks out, else a
+        build here (then pushed, when kmodd.conf says so)."""
         bind(module=d.name, kver=d.kernel)
         assert self.jobserver is not None
-        return builder.build(
+        key = self._key(d)
+        if key is not None and d.conf is not None:
+            target = verdict.Target(self.k.release, known.exports(self.root, self.k, write=False),
+                                    self.k.vermagic_flags, self.k.arch)  # fmt: skip
+            cached = self.cache.fetch(key, d.conf, self.k, target)
+            if cached is not None:
+                return cached
+        result = builder.build(
             self.root,
             d.source,
             self.k,
@@ -325,6 +336,21 @@ class _Run:
             jobserver=self.jobserver,
             cancel=self.options.cancel,
         )
+        if key is not None:
+            artefact.remember_key(self.root, result.log.parent, key)
+            self.cache.push(key, result, result.conf)
+        return result
+
+    def _key(self, d: Decision) -> buildkey.BuildKey | None:
+        """What `d`'s build depends on, as the module cache's key (None: not keyed)."""
+        if d.conf is None:
+            return None
+        try:
+            return buildkey.compute(self.root, d.conf, self.k, self.config)
+        except (KmoddError, OSError) as err:
+            log.warning("build not keyed: the module cache is not asked", module=d.name,
+                        problem=str(err))  # fmt: skip
+            return None
 
     def failed(self, d: Decision, problem: str) -> None:
         self._failed(d, problem, None)
@@ -355,7 +381,8 @@ class _Run:
         return self._install(d, result)
 
     def _install(self, d: Decision, result: builder.BuildResult) -> bool:
-        self.db.put_duration(d.name, d.version, d.kernel, result.seconds)
+        if result.origin is None:  # a pull says nothing of how long a build takes
+            self.db.put_duration(d.name, d.version, d.kernel, result.seconds)
         try:
             self._install_hook(result.conf, "PRE_INSTALL")
             old = self._about_to_write(d, install.build_targets(self.root, self.k, result))
@@ -378,14 +405,15 @@ class _Run:
             d,
             State.INSTALLED,
             log=os.fspath(result.log),
-            detail="built",
+            detail=f"from cache {result.origin}" if result.origin else "built",
             files=files,
             remake_initrd=remake,
         )
         self._changed(remake)
         self._replace_other_versions(d, files)
         self._said_hook(result.conf, "POST_INSTALL")
-        self._say(d, State.INSTALLED, "built and installed", result.log)
+        said = f"from cache {result.origin}" if result.origin else "built and installed"
+        self._say(d, State.INSTALLED, said, result.log)
         return True
 
     def _settle_contested(self) -> None:

@@ -52,6 +52,8 @@ class BuildResult:
     log: Path
     seconds: float = 0.0
     """How long the build took, wall time (what the next build of it is expected to)."""
+    origin: str | None = None
+    """Where its modules came from when not built here: the module cache's reference."""
 
 
 def store_dir(root: Root, name: str, version: str, kernel: str, arch: str) -> Path:

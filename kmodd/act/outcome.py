@@ -44,7 +44,7 @@ class Outcome:
         if self.state is State.INSTALLED_WEAK:
             return f"weak-linked from {self.weak_from}"
         if self.state is State.INSTALLED:
-            return "built"
+            return f"pulled ({self.detail})" if self.detail.startswith("from cache ") else "built"
         if self.state is State.BUILT:
             return "built (not installed)"
         if self.state is State.FAILED:

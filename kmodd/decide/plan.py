@@ -17,7 +17,7 @@ from kmodd.decide import verdict
 from kmodd.state import known
 from kmodd.state.states import State
 from kmodd.state.store import Store, files_present
-from kmodd.world import config, dkms_tree, dkmsconf, kernel
+from kmodd.world import buildkey, config, dkms_tree, dkmsconf, kernel, registry
 from kmodd.world.dkmsconf import SourceConfig, SourceDir
 
 
@@ -144,7 +144,31 @@ class _Planner:
         if k.build_dir is None:
             return decision(Action.WAIT, f"no headers for {k.release} (no build dir)")
         why = weak or ("NO_WEAK_MODULES=yes" if conf.no_weak_modules else "no build to reuse")
+        cached = self._in_cache(conf)
+        if cached:
+            why += f"; the module cache has it ({cached}): pulled instead, once it checks out"
         return decision(Action.BUILD, why)
+
+    def _in_cache(self, conf: SourceConfig) -> str | None:
+        """Where the module cache holds `conf`'s build for this kernel, if it does: an
+        imported artefact, or the registry's (asked once per plan, within its timeout)."""
+        settings = config.load(self.root)
+        imported = self.root.state_dir / "cache"
+        if settings.registry is None and not imported.is_dir():
+            return None
+        try:
+            key = buildkey.compute(self.root, conf, self.k, settings)
+        except (KmoddError, OSError):
+            return None
+        if (imported / key.digest / "index.json").is_file():
+            return f"imported {key.digest[:12]}"
+        if settings.registry is None:
+            return None
+        ref = settings.registry.reference(conf.name, key.digest)
+        try:
+            return ref if registry.client(settings.registry).manifest(ref) is not None else None
+        except registry.RegistryError:
+            return None
 
     def _weak_candidate(self, conf: SourceConfig) -> Decision | str | None:
         """A weak-link decision, or the reason none is possible."""

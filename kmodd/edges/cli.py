@@ -162,6 +162,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
     p.set_defaults(func="_drivers")
 
+    p = sub.add_parser(
+        "export",
+        help="write a source's build for a kernel to a file (an OCI image layout, tarred)",
+        description="Write the build of NAME[/VERSION] installed for KVER, with what it was "
+        "built from, as an OCI image layout in a tar: `kmodctl import` installs it on a "
+        "machine with the same source and kernel, without building.",
+    )
+    p.add_argument("-m", "--module", required=True, metavar="NAME[/VERSION]")
+    p.add_argument("-k", "--kernel", metavar="KVER", help="default: the running kernel")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.set_defaults(func="_export")
+
+    p = sub.add_parser(
+        "import",
+        help="install a build `kmodctl export` wrote, checked as a pull from the cache is",
+        description="Take the build in FILE into the module cache and install it for its "
+        "kernel. It is checked as a pull from the registry is (digests, the build's key, "
+        "the verdict against the kernel, the signature); anything else is refused.",
+    )
+    p.add_argument("archive", metavar="FILE")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")
+    p.add_argument("-j", "--jobs", type=int, metavar="N")
+    p.add_argument("--no-initrd", action="store_true")
+    p.set_defaults(func="_import")
+
     p = sub.add_parser("cancel", help="cancel a queued job of the service, or stop a running one")
     p.add_argument("job", type=int, metavar="JOB")
     p.set_defaults(func="_cancel")

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from kmodd.act import devices, initrd, manage, perform, recover
+from kmodd.act import devices, initrd, layout, manage, perform, recover
 from kmodd.act.autoinstall import Options
 from kmodd.act.outcome import Outcome
 from kmodd.act.request import Request, Verb
-from kmodd.base.errors import BuildError, KmoddError, NotFoundError, UsageError
+from kmodd.base.errors import BadInputError, BuildError, KmoddError, NotFoundError, UsageError
 from kmodd.base.jobserver import Jobserver
 from kmodd.base.paths import Root
 from kmodd.decide import plan
@@ -26,7 +26,7 @@ from kmodd.edges import dbus, interrupt
 from kmodd.edges.cli import print_json
 from kmodd.state import report, store
 from kmodd.state.store import Store
-from kmodd.world import kernel
+from kmodd.world import buildkey, config, kernel
 
 EXIT_SOME_FAILED = BuildError.exit_code
 TIMEOUT_EXIT = 8
@@ -271,6 +271,33 @@ def _plan(args: argparse.Namespace, root: Root) -> int:
     for row in rows:
         print(f"{row['name']}/{row['version']}, {row['kernel']}: {row['action']}: {row['reason']}")
     return 0
+
+
+def _export(args: argparse.Namespace, root: Root) -> int:
+    """The build of a source installed for a kernel, as an OCI image layout in a tar."""
+    release = _kernel_or_running(args)
+    ref = layout.export(root, args.module, release, Path(args.output).resolve())
+    print(f"kmodd: {ref} for {release} written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _import(args: argparse.Namespace, root: Root) -> int:
+    """Take an exported build into the module cache and install it (checked as a pull
+    from the registry is; a build that does not match this machine's source and kernel
+    is refused, and nothing is installed)."""
+    source, release, digest = layout.import_archive(root, Path(args.archive).resolve())
+    k = kernel.find(root, release)
+    src = manage.find_source(root, source)
+    conf = plan.evaluate_for(root, src, k)
+    here = buildkey.compute(root, conf, k, config.load(root))
+    if here.digest != digest:
+        differ = layout.forget(root, digest, here)
+        raise BadInputError(
+            Path(args.archive),
+            f"built from other inputs than {source} for {release} here "
+            f"(they differ in: {', '.join(differ) or 'the key'}); nothing installed",
+        )
+    return _submit(args, root, [_request(args, Verb.INSTALL, release, source)])
 
 
 def _cancel(args: argparse.Namespace, root: Root) -> int:

@@ -45,6 +45,8 @@ class Line:
         state: str = self.state.value
         if self.state is State.INSTALLED_WEAK:
             state = f"installed-weak (from {self.weak_from})"
+        elif self.state is State.INSTALLED and (self.detail or "").startswith("from cache "):
+            state = f"installed ({self.detail})"
         elif self.state is State.FAILED:
             why = "; ".join(x for x in (self.detail, self.log and f"log: {self.log}") if x)
             state = f"failed ({why})"

@@ -10,6 +10,12 @@
     sandbox.nvidia = network                       # this source's build may use the network
     sandbox.zfs = off                              # this source's dkms.conf and build run as
                                                    # root with no sandbox, as DKMS runs them
+    registry = registry.example.com/kmodd          # the module cache: an OCI registry and
+                                                   # the repository path under it
+    registry_insecure = no                         # yes: plain http (a registry on loopback)
+    registry_credentials = /etc/kmodd/registry.json  # docker's config.json format
+    registry_push = yes                            # push what this machine builds
+    registry_timeout = 10                          # seconds the registry may take, at most
 
 Paths are inside the root. A missing file means the defaults.
 """
@@ -25,7 +31,11 @@ from kmodd.base.paths import Root
 from kmodd.base.sandbox import DEFAULT_USER, Sandbox
 from kmodd.world.compression import read_bytes
 
-_KNOWN = {"sign_key", "sign_cert", "build_timeout", "wait_timeout", "build_user"}
+_KNOWN = {
+    "sign_key", "sign_cert", "build_timeout", "wait_timeout", "build_user", "registry",
+    "registry_insecure", "registry_credentials", "registry_push", "registry_timeout",
+}  # fmt: skip
+_YES = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 _PIN = "pin."
 _SANDBOX = "sandbox."
 _MAX_BYTES = 1 << 20
@@ -42,6 +52,25 @@ class Allowance(StrEnum):
 
 
 @dataclass(frozen=True)
+class Registry:
+    """The module cache's OCI registry (`registry*` in kmodd.conf)."""
+
+    host: str
+    """`host[:port]`."""
+    repository: str
+    """The path under it that kmodd's artefacts go to (`kmodd`)."""
+    insecure: bool = False
+    credentials: Path | None = None
+    push: bool = True
+    timeout: float = 10.0
+
+    def reference(self, source: str, tag: str) -> str:
+        """`host/repository/source:tag`, the source's name as a registry allows it."""
+        name = "".join(c if c.isalnum() or c in "._-" else "-" for c in source.lower())
+        return f"{self.host}/{self.repository}/{name.strip('._-') or 'source'}:{tag}"
+
+
+@dataclass(frozen=True)
 class Config:
     sign_key: Path | None = None
     sign_cert: Path | None = None
@@ -52,6 +81,8 @@ class Config:
     """Source name → the version to install instead of the newest."""
     allowances: dict[str, Allowance] = field(default_factory=dict)
     """Source name → what it is allowed beyond the sandbox (`sandbox.NAME`)."""
+    registry: Registry | None = None
+    """The module cache; None: every module is built here."""
 
     def allowance(self, source: str) -> Allowance:
         return self.allowances.get(source, Allowance.NONE)
@@ -115,6 +146,27 @@ def load(root: Root) -> Config:
     def inside(key: str) -> Path | None:
         return root.real(values[key]) if values.get(key) else None
 
+    def yes(key: str, default: bool) -> bool:
+        if key not in values:
+            return default
+        if values[key].lower() not in _YES:
+            raise BadInputError(path, f"{key} must be yes or no, not {values[key][:40]!r}")
+        return _YES[values[key].lower()]
+
+    registry = None
+    if values.get("registry"):
+        host, _, repository = values["registry"].partition("/")
+        if not host or not repository or " " in values["registry"]:
+            raise BadInputError(path, "registry must be HOST[:PORT]/REPOSITORY")
+        registry = Registry(
+            host,
+            repository.strip("/"),
+            yes("registry_insecure", False),
+            inside("registry_credentials"),
+            yes("registry_push", True),
+            seconds("registry_timeout", 10.0),
+        )
+
     sign_key, sign_cert = inside("sign_key"), inside("sign_cert")
     if (sign_key is None) != (sign_cert is None):
         raise BadInputError(path, "sign_key and sign_cert go together")
@@ -126,4 +178,5 @@ def load(root: Root) -> Config:
         values.get("build_user") or DEFAULT_USER,
         pins,
         allowances,
+        registry,
     )
