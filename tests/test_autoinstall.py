@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +17,12 @@ import pytest
 from kmodd.act import manage
 from kmodd.base.paths import Root
 from kmodd.world import modfile
+from tests.cli import kmodctl
 from tests.conftest import K56, K111, K113, install_headers, require_tool
 from tests.debs import unpack_dkms_package
 from tests.sources import write_source
 
 BUSYBOX = Path("/bin/busybox")
-
-
-def kmodctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
 
 
 def make_system(root: Path, kernels: tuple[str, ...]) -> Path:

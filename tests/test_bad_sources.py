@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.cli import kmodctl
 from tests.conftest import K113, require_tool
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 SIMPLE = ("kmt_simple",)
 

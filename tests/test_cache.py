@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -32,6 +31,7 @@ from kmodd.base.paths import Root
 from kmodd.decide import plan
 from kmodd.world import buildkey, compression, config, dkmsconf, kernel
 from kmodd.world.registry import Blob, Client
+from tests.cli import kmodctl
 from tests.conftest import K111, K113, require, require_tool
 from tests.oracles import qemu
 from tests.sources import write_source
@@ -84,14 +84,6 @@ def registry(workdir: Path) -> Iterator[Registry]:
         proc.terminate()
         proc.wait(10)
         log.close()
-
-
-def kmodctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"}
-    return subprocess.run(
-        [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root), *args],
-        env=env, cwd=TOP, capture_output=True, text=True, check=False, timeout=900,
-    )  # fmt: skip
 
 
 def machine(

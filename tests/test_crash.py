@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from kmodd.world import modfile
+from tests.cli import kmodctl
 from tests.conftest import K111, require_tool
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 KILL_AFTER = (0.2, 0.6, 1.2, 2.0, 3.0, 4.5, 6.5, 9.0)
 

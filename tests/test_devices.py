@@ -9,9 +9,10 @@ from pathlib import Path
 from kmodd.act import devices
 from kmodd.base.paths import Root
 from kmodd.world import modfile
+from tests.cli import kmodctl
 from tests.conftest import K113, require, require_tool
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 
 def test_a_device_wants_the_driver_whose_alias_matches() -> None:

@@ -9,9 +9,10 @@ import pytest
 
 from kmodd.base.paths import Root
 from kmodd.world import distro
+from tests.cli import kmodctl
 from tests.conftest import K113, require_tool
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 # (first lines of the distribution's real /etc/os-release, its name, where modules go)
 OS_RELEASES = [

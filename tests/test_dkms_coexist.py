@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import kmodctl
 from tests.conftest import K113, require_tool
 from tests.debs import unpack_dkms_package
-from tests.test_autoinstall import kmodctl, make_system, status_json
+from tests.test_autoinstall import make_system, status_json
 
 ARCH = "x86_64"
 HOST_DKMS = Path("/var/lib/dkms")

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from tests.cli import kmodctl
 from tests.conftest import K113, install_headers, require
 from tests.dbus_harness import Bus, OtherUser, Server, as_other_user, running_service, system_bus
 from tests.procs import all_gone, running
@@ -37,14 +38,6 @@ from tests.sources import write_source
 
 TOP = Path(__file__).resolve().parent.parent
 Proc = subprocess.CompletedProcess[str]
-
-
-def kmodctl(root: Path, *args: str, timeout: float = 120) -> Proc:
-    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"}
-    return subprocess.run(
-        [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root), *args],
-        env=env, cwd=TOP, capture_output=True, text=True, check=False, timeout=timeout,
-    )  # fmt: skip
 
 
 def one_line(proc: Proc) -> str:

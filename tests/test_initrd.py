@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import kmodctl
 from tests.conftest import K111, K113, require_tool
 from tests.oracles.qemu import _S_IFDIR, _S_IFREG, _Entry, _newc_archive
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 
 @dataclass

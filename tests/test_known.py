@@ -12,9 +12,10 @@ from pathlib import Path
 from kmodd.base.paths import Root
 from kmodd.state import known
 from kmodd.world import kernel, symvers
+from tests.cli import kmodctl
 from tests.conftest import K111, K113
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 
 def plan(root: Path, kver: str) -> dict[str, str]:

@@ -7,10 +7,8 @@ needs more is allowed it in kmodd.conf, and status says so."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import kmodctl
 from tests.conftest import K113, require_tool
 from tests.procs import all_gone
 from tests.sources import write_source
@@ -25,14 +24,6 @@ from tests.test_autoinstall import make_system
 from tests.test_signing import make_key, write_config
 
 TOP = Path(__file__).resolve().parent.parent
-
-
-def kmodctl(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"}
-    return subprocess.run(
-        [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root), *args],
-        env=env, cwd=TOP, capture_output=True, text=True, check=False, timeout=600,
-    )  # fmt: skip
 
 
 @dataclass

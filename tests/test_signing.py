@@ -10,9 +10,10 @@ import struct
 import subprocess
 from pathlib import Path
 
+from tests.cli import kmodctl
 from tests.conftest import K113, require_tool
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 SIGNER = "kmodd test signer"
 MAGIC = b"~Module signature appended~\n"

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import kmodctl
 from tests.conftest import K113, require_tool
 from tests.dbus_harness import as_other_user
 from tests.sources import write_source
-from tests.test_autoinstall import kmodctl, make_system
+from tests.test_autoinstall import make_system
 
 
 def listing(directory: Path) -> dict[str, bytes | None]:
