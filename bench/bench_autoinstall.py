@@ -22,15 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
 
+from bench.bench_sources import dkms_env, dkms_trees, make_key
 from tests.conftest import K111, K113, install_headers
 from tests.debs import unpack_dkms_package
 from tests.sources import write_source
 
 BUILD_SOURCES = ("kmt-base", "kmt-pair", "kmt-misc")
 REUSABLE_SOURCES = ("kmt-base", "kmt-pair")
-
-
-MOK_KEY, MOK_CERT = Path("/var/lib/dkms/mok.key"), Path("/var/lib/dkms/mok.pub")
 
 
 def make_tree(base: Path, sources: tuple[str, ...], with_acpi: bool) -> Path:
@@ -58,31 +56,19 @@ def register_with_dkms(root: Path) -> None:
         )
 
 
-def sign_like_dkms(root: Path) -> None:
-    """DKMS signs with its MOK key (made on first use): give kmodd the same key."""
-    if MOK_KEY.exists() and MOK_CERT.exists():
-        (root / "etc/kmodd").mkdir(parents=True)
-        shutil.copy(MOK_KEY, root / "etc/kmodd/mok.key")
-        shutil.copy(MOK_CERT, root / "etc/kmodd/mok.pub")
-        (root / "etc/kmodd/kmodd.conf").write_text(
-            "sign_key = /etc/kmodd/mok.key\nsign_cert = /etc/kmodd/mok.pub\n"
-        )
+def sign_like_dkms(root: Path, key: Path, cert: Path) -> None:
+    """Both sign: kmodd with the throw-away key DKMS is given (bench_sources.dkms_env)."""
+    (root / "etc/kmodd").mkdir(parents=True)
+    shutil.copy(key, root / "etc/kmodd/mok.key")
+    shutil.copy(cert, root / "etc/kmodd/mok.pub")
+    (root / "etc/kmodd/kmodd.conf").write_text(
+        "sign_key = /etc/kmodd/mok.key\nsign_cert = /etc/kmodd/mok.pub\n"
+    )
 
 
-def dkms_trees(root: Path) -> list[str]:
-    return [
-        "--sourcetree",
-        os.fspath(root / "usr/src"),
-        "--dkmstree",
-        os.fspath(root / "var/lib/dkms"),
-        "--installtree",
-        os.fspath(root / "lib/modules"),
-    ]
-
-
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     took = time.perf_counter() - start
     if proc.returncode != 0:
         print(f"  ! {' '.join(argv[:3])}… exited {proc.returncode}: {proc.stderr[-300:]}")
@@ -105,8 +91,10 @@ def kmodd(root: Path, kver: str) -> float:
     )
 
 
-def dkms(root: Path, kver: str) -> float:
-    return timed(["dkms", "autoinstall", "-k", kver, *dkms_trees(root)])
+def dkms(root: Path, kver: str, env: dict[str, str]) -> float:
+    """DKMS kept inside its tree: `env` (bench_sources.dkms_env) gives it the signing
+    key and a depmod run on the tree, not on this machine's /lib/modules."""
+    return timed(["dkms", "autoinstall", "-k", kver, *dkms_trees(root)], env)
 
 
 def case(name: str, sources: tuple[str, ...], with_acpi: bool) -> None:
@@ -116,15 +104,17 @@ def case(name: str, sources: tuple[str, ...], with_acpi: bool) -> None:
             make_tree(Path(b), sources, with_acpi),
         )
         register_with_dkms(d_root)
-        sign_like_dkms(k_root)
+        key, cert = make_key(Path(a))
+        sign_like_dkms(k_root, key, cert)
+        env = dkms_env(d_root, key, cert)
         listed = ", ".join(sources + (("acpi-call",) if with_acpi else ()))
         print(f"{name}: sources {listed}")
         if name == "build":
-            k, d = kmodd(k_root, K111), dkms(d_root, K111)
+            k, d = kmodd(k_root, K111), dkms(d_root, K111, env)
         else:
             kmodd(k_root, K111)
-            dkms(d_root, K111)
-            k, d = kmodd(k_root, K113), dkms(d_root, K113)
+            dkms(d_root, K111, env)
+            k, d = kmodd(k_root, K113), dkms(d_root, K113, env)
         built = sorted(p.name for p in (d_root / "lib/modules").rglob("*.ko*"))
         print(
             f"  kmodctl autoinstall {k:6.2f} s   dkms autoinstall {d:6.2f} s   ratio {k / d:.2f}"

@@ -1,7 +1,7 @@
 """One GNU make jobserver for every build kmodd runs at once: with --jobs N, the jobs of
 all builds together never pass N, a long build takes the tokens the others give back,
-and among the builds ready the one expected to take longest starts first (as long as
-it took last time)."""
+and among the builds ready the one expected to take longest starts first: as long as
+it took last time, or, never built, as long as its source's size says."""
 
 from __future__ import annotations
 
@@ -50,14 +50,18 @@ def test_tokens_are_taken_given_back_and_waited_for() -> None:
             pass
 
 
-def jobs_source(root: Path, name: str, count: int, seconds: float, given: bytes) -> None:
-    """A source whose make runs `count` jobs of `seconds` each, saying when each ran."""
+def jobs_source(
+    root: Path, name: str, count: int, seconds: float, given: bytes, padding: int = 0
+) -> None:
+    """A source whose make runs `count` jobs of `seconds` each, saying when each ran;
+    `padding` bytes of documentation make it look bigger than it builds."""
     dest = name.replace("-", "_")
     extra = f'AUTOINSTALL="yes"\nMAKE[0]="make -f jobs.mk"\nDEST_MODULE_NAME[0]="{dest}"\n'
     extra += 'NO_WEAK_MODULES="yes"\n'
     src = write_source(root, name, modules=("kmt_simple",), extra=extra)
     (src / "jobs.mk").write_text(JOBS_MK.format(count=count, name=name, seconds=seconds))
     (src / "given.ko").write_bytes(given)
+    (src / "README").write_bytes(b"x" * padding)
 
 
 def intervals(root: Path, kernel: str) -> dict[str, list[tuple[float, float]]]:
@@ -98,8 +102,8 @@ def test_every_build_shares_one_jobserver_and_the_longest_starts_first(
     assert callable(built)
     given = built(K113)["kmt_simple"].read_bytes()
     root = make_system(tmp_path / "root", (K111, K113))
-    jobs_source(root, "kmt-a", 1, 1.0, given)
-    jobs_source(root, "kmt-b", 1, 1.0, given)
+    jobs_source(root, "kmt-a", 1, 1.0, given, padding=200_000)
+    jobs_source(root, "kmt-b", 1, 0.3, given, padding=100_000)
     jobs_source(root, "kmt-z-long", 8, 0.5, given)
 
     first = autoinstall(root, K111, 2)
@@ -112,9 +116,9 @@ def test_every_build_shares_one_jobserver_and_the_longest_starts_first(
     short_done = max(end for name in ("kmt-a", "kmt-b") for _, end in ran[name])
     after = [(max(s, short_done), e) for s, e in ran["kmt-z-long"] if e > short_done]
     assert most_at_once(after) == 2, ran["kmt-z-long"]
-    # never built before: in the order of their names, the long one last
+    # never built before: by their sources' sizes, the long one (the smallest) last
     begun = {name: min(s for s, _ in runs) for name, runs in ran.items()}
-    assert begun["kmt-z-long"] > begun["kmt-b"], begun
+    assert begun["kmt-a"] < begun["kmt-z-long"] and begun["kmt-b"] < begun["kmt-z-long"], begun
 
     second = autoinstall(root, K113, 2)
     assert second.returncode == 0, second.stdout + second.stderr

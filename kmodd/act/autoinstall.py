@@ -13,7 +13,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -306,9 +305,9 @@ class _Run:
 
     def _urgency(self, d: Decision) -> tuple[object, ...]:
         """Sorts first what should start first: initrd modules, then the longest build
-        (as long as it took last time; never built: first of all)."""
-        expected = self.db.duration(d.name)
-        return (not (d.conf and d.conf.remake_initrd), -(expected if expected else inf))
+        (as long as it took last time; never built: as long as its source's size says)."""
+        expected = self.db.duration(d.name) or schedule.estimate(d.source.path)
+        return (not (d.conf and d.conf.remake_initrd), -expected)
 
     # schedule.Builds: what the scheduler calls -----------------------------------------
 

@@ -9,10 +9,13 @@ named; what needs a failed source fails too; the rest go on.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
 from typing import Protocol
 
 from kmodd.act.builder import BuildResult
@@ -108,6 +111,23 @@ def run(
             else:
                 handler.finish(d, future)
     return stopped or _set(cancel)
+
+
+SOURCE_BYTES_PER_SECOND = 25_000
+"""For a source never built here: how long its build is guessed to take, from its size.
+Crude (measured on Debian's `*-dkms` sources, 2 CPUs: openafs, 8 MB, ~300 s; dahdi,
+6 MB, ~40 s; jool, 1 MB, ~30 s; most under 200 kB, under 5 s), but it starts the few
+long builds first, as their recorded durations do from the next kernel on."""
+
+
+def estimate(source: Path) -> float:
+    """Seconds a first build of the source in `source` is guessed to take."""
+    size = 0
+    for parent, _dirs, files in os.walk(source):
+        for name in files:
+            with contextlib.suppress(OSError):
+                size += Path(parent, name).lstat().st_size
+    return size / SOURCE_BYTES_PER_SECOND
 
 
 def _set(cancel: threading.Event | None) -> bool:
