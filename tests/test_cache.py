@@ -33,6 +33,7 @@ from kmodd.world import buildkey, compression, config, dkmsconf, kernel
 from kmodd.world.registry import Blob, Client
 from tests.cli import kmodctl
 from tests.conftest import K111, K113, require, require_tool
+from tests.debs import unpack_dkms_package
 from tests.oracles import qemu
 from tests.sources import write_source
 from tests.test_autoinstall import make_system
@@ -40,7 +41,10 @@ from tests.test_signing import make_key
 
 TOP = Path(__file__).resolve().parent.parent
 SOURCES = ("kmt-base", "kmt-pair", "kmt-misc")
-MODULES = ("kmt_simple", "kmt_pkga", "kmt_pkgb", "kmt_misc")
+MODULES = ("kmt_simple", "kmt_pkga", "kmt_pkgb", "kmt_misc", "acpi_call")
+FLEET = {**{name: "1.0" for name in SOURCES}, "acpi-call": "1.2.2"}
+"""The fleet's sources: Debian's acpi-call among them, whose MAKE names the kernel's
+headers and DKMS's tree by path (each machine's root is elsewhere: the key is not)."""
 
 
 @dataclass
@@ -139,6 +143,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with registry(tmp / "registry") as reg:
         first = machine(tmp / "first", reg.host)
         second = machine(tmp / "second", reg.host, key_from=first)
+        for root in (first, second):
+            unpack_dkms_package("acpi-call-dkms", root)
         built = kmodctl(first, "autoinstall", "-k", K113, "--no-initrd")
         pulled = kmodctl(second, "autoinstall", "-k", K113, "--no-initrd")
         status = kmodctl(second, "status").stdout
@@ -147,19 +153,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 def test_the_first_machine_builds_and_pushes(fleet: Fleet) -> None:
     assert fleet.built.returncode == 0, fleet.built.stdout + fleet.built.stderr
-    assert make_runs(fleet.first) == len(SOURCES)
-    for name in SOURCES:
-        assert f"kmodd: {name}/1.0 for {K113}: built\n" in fleet.built.stdout
+    assert make_runs(fleet.first) == len(FLEET)
+    for name, version in FLEET.items():
+        assert f"kmodd: {name}/{version} for {K113}: built\n" in fleet.built.stdout
 
 
 def test_the_second_machine_installs_every_module_with_zero_compiles(fleet: Fleet) -> None:
     assert fleet.pulled.returncode == 0, fleet.pulled.stdout + fleet.pulled.stderr
     assert make_runs(fleet.second) == 0
-    for name in SOURCES:
-        line = next(ln for ln in fleet.pulled.stdout.splitlines() if f" {name}/1.0 " in ln)
-        assert line.startswith(f"kmodd: {name}/1.0 for {K113}: pulled (from cache "), line
+    for name, version in FLEET.items():
+        line = next(ln for ln in fleet.pulled.stdout.splitlines() if f" {name}/{version} " in ln)
+        assert line.startswith(f"kmodd: {name}/{version} for {K113}: pulled (from cache "), line
         assert f"{fleet.registry.host}/fleet/{name}:" in line, line
-        status = next(ln for ln in fleet.status.splitlines() if ln.startswith(f"{name}/1.0, "))
+        status = next(
+            ln for ln in fleet.status.splitlines() if ln.startswith(f"{name}/{version}, ")
+        )
         assert f"x86_64: installed (from cache {fleet.registry.host}/fleet/{name}:" in status
     assert installed(fleet.second) == installed(fleet.first)
     assert set(installed(fleet.second)) == set(MODULES)

@@ -64,7 +64,10 @@ def source_digest(root: Root, conf: SourceConfig) -> str:
     /etc/dkms, and every entry of its tree (path, kind, mode, content or link)."""
     digest = hashlib.sha256()
     evaluated = {k: v for k, v in asdict(conf).items() if k not in ("conf_path", "source_dir")}
-    digest.update(json.dumps(evaluated, sort_keys=True, default=str).encode())
+    text = json.dumps(evaluated, sort_keys=True, default=str)
+    if root.prefix != Path("/"):  # its paths as the root sees them: a fleet's are alike
+        text = text.replace(os.fspath(root.prefix), "")
+    digest.update(text.encode())
     overrides = root.dkms_overrides
     for override in sorted(overrides.iterdir()) if overrides.is_dir() else []:
         name = override.name
