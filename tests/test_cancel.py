@@ -134,7 +134,7 @@ def submit(client: Client) -> int:
 
 def source_state_via(client: Client) -> str:
     (line,) = client.status()
-    return line["state"]
+    return str(line["state"])
 
 
 def test_the_run_after_a_kill_9_removes_what_the_killed_one_left(tmp_path: Path) -> None:

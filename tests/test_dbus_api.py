@@ -107,6 +107,7 @@ def test_the_interface_is_what_kmodctl_is_written_against(served: Served) -> Non
     }
     assert methods == {
         "Status": ("ss", "aa{ss}"),
+        "StatusJSON": ("ss", "s"),
         "Plan": ("s", "aa{ss}"),
         "Submit": ("a{sv}", "t"),
         "Cancel": ("t", "b"),
@@ -140,7 +141,9 @@ def test_status_answers_root_and_everyone_else(served: Served, client: Client) -
         "initrd",
         "sandbox",
     }
-    assert mine[0]["weak_from"] == ""  # None travels as ""
+    assert mine[0]["weak_from"] is None  # StatusJSON: as `kmodctl status --json` has it
+    typed = client._call("Status", "ss", "", "")  # the same lines, typed: None travels as ""
+    assert typed == [{k: "" if v is None else str(v) for k, v in line.items()} for line in mine]
     theirs = served.other.call(served.bus, "status", "", K113)
     assert theirs["connected"], theirs
     assert theirs.get("result") == mine, theirs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -74,8 +75,13 @@ class Client:
 
     # the calls -------------------------------------------------------------------------
 
-    def status(self, module: str | None = None, kernel: str | None = None) -> list[dict[str, str]]:
-        return self._call("Status", "ss", module or "", kernel or "")  # type: ignore[no-any-return]
+    def status(self, module: str | None = None, kernel: str | None = None) -> list[dict[str, Any]]:
+        """Status's lines as `kmodctl status --json` has them (StatusJSON)."""
+        doc = self._call("StatusJSON", "ss", module or "", kernel or "")
+        lines = json.loads(doc)
+        if not isinstance(lines, list):
+            raise KmoddError("the service's StatusJSON is not a list")
+        return lines
 
     def plan(self, kernel: str) -> list[dict[str, str]]:
         return self._call("Plan", "s", kernel)  # type: ignore[no-any-return]

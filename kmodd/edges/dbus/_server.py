@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import math
 import os
 from collections.abc import Callable
@@ -135,6 +136,18 @@ class Manager(ServiceInterface):
             check_release(kernel)
         lines = await _in_thread(self._service.status, module or None, kernel or None)
         return [line_dict(line) for line in lines]
+
+    @call("s", module="s", kernel="s")
+    async def StatusJSON(self, module: str, kernel: str) -> str:
+        """Status's lines as `kmodctl status --json` prints them, in one string: what
+        kmodctl asks for (a string costs the bus, and both ends, far less than 200
+        dicts of 11 strings)."""
+        if module:
+            check_source(module)
+        if kernel:
+            check_release(kernel)
+        lines = await _in_thread(self._service.status, module or None, kernel or None)
+        return json.dumps([line.json() for line in lines])
 
     @call("aa{ss}", kernel="s")
     async def Plan(self, kernel: str) -> list[dict[str, str]]:
