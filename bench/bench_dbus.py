@@ -63,7 +63,12 @@ def slow_source(root: Path) -> None:
         extra='AUTOINSTALL="yes"\nPRE_BUILD="hooks/slow"\n',
     )
     hook = src / "hooks/slow"
-    hook.write_text(f"#!/bin/sh\nsleep {HOOK_SLEEP}\n")
+    # a build that keeps every CPU busy, as a compile does (its loops end with its
+    # sandbox)
+    hook.write_text(
+        "#!/bin/sh\nfor i in $(seq $(nproc)); do (while :; do :; done) & done\n"
+        f"sleep {HOOK_SLEEP}\n"
+    )
     hook.chmod(0o755)
 
 
