@@ -20,16 +20,19 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kmodd.base import fsutil
 from kmodd.base.errors import BadInputError, KmoddError
 from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
-from kmodd.state.store import Store
 from kmodd.world import modfile, symvers
 from kmodd.world.compression import read_bytes
 from kmodd.world.kernel import Kernel
 from kmodd.world.modfile import ModuleInfo
+
+if TYPE_CHECKING:  # `kmodctl check` reads exports only: it never loads the store
+    from kmodd.state.store import Store
 
 log = get_logger(__name__)
 
