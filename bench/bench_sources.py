@@ -266,25 +266,35 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def reap_orphans(timeout: float = 60.0) -> None:
-    """Wait for every adopted orphan: its CPU time joins RUSAGE_CHILDREN when reaped."""
+def children() -> set[int]:
+    """The PIDs of this process's children (adopted orphans included)."""
+    found: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
+
+
+def reap_orphans(ours: set[int], timeout: float = 60.0) -> None:
+    """Wait for every child not in `ours` (what ran before the command, such as the
+    fleet's registry): adopted orphans, whose CPU time joins RUSAGE_CHILDREN when reaped."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
+    while waiting := children() - ours:
+        for pid in waiting:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        if time.monotonic() > deadline:
+            progress(f"orphans still running after the command: {sorted(waiting)}; "
+                     "their CPU is not counted")  # fmt: skip
             return
-        if pid == 0:
-            if time.monotonic() > deadline:
-                progress("orphans still running after the command; their CPU is not counted")
-                return
-            time.sleep(0.01)
+        time.sleep(0.01)
 
 
 def timed(tool: str, argv: list[str], env: dict[str, str] | None = None) -> Run:
     """Run `argv`: its wall time, the CPU time of it and of everything it started, its
     output (the caller fills in the sources' outcomes)."""
     progress(f"{tool}: {' '.join(argv)}")
+    ours = children()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     start = time.perf_counter()
@@ -292,7 +302,7 @@ def timed(tool: str, argv: list[str], env: dict[str, str] | None = None) -> Run:
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
     )
     wall = time.perf_counter() - start
-    reap_orphans()
+    reap_orphans(ours)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     progress(f"{tool}: exit {proc.returncode} after {wall:.1f} s (CPU {cpu:.1f} s)")

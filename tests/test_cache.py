@@ -207,6 +207,45 @@ def test_plan_says_a_pull_will_replace_a_build(fleet: Fleet, tmp_path: Path) -> 
         assert f"the module cache has it ({ref}" in row["reason"], row
 
 
+def orphan_source(root: Path, depends: bool) -> None:
+    """kmt-orphan: a module importing a symbol that neither the kernel nor the source
+    exports, as Debian's dahdi's dahdi_echocan_oslec imports oslec_create."""
+    extra = 'AUTOINSTALL="yes"\n' + ('BUILD_DEPENDS=("kmt-base")\n' if depends else "")
+    src = write_source(root, "kmt-orphan", modules=("kmt_orphan",), extra=extra)
+    with (src / "Kbuild").open("a") as kbuild:
+        kbuild.write("KBUILD_MODPOST_WARN := 1\n")
+
+
+@pytest.mark.parametrize("depends", [False, True], ids=["alone", "with-build-depends"])
+def test_a_symbol_no_one_exports_is_pulled_as_the_local_build_would_import_it(
+    tmp_path: Path, depends: bool
+) -> None:
+    """Its key holds the kernel's exports: a build here would import kmt_nowhere
+    unresolved just the same, so the artefact is pulled. With BUILD_DEPENDS the symbol
+    may come from another source's build, which the key does not hold: a local build."""
+    with registry(tmp_path / "registry") as reg:
+        machines: list[Path] = []
+        for name in ("first", "second"):
+            root = machine(tmp_path / name, reg.host, sources=("kmt-base",),
+                           key_from=machines[0] if machines else None)  # fmt: skip
+            orphan_source(root, depends)
+            machines.append(root)
+        first, second = machines
+        built = kmodctl(first, "autoinstall", "-k", K113, "--no-initrd")
+        assert f"kmodd: kmt-orphan/1.0 for {K113}: built\n" in built.stdout, built.stdout
+        proc = kmodctl(second, "autoinstall", "-k", K113, "--no-initrd")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        said = next(ln for ln in proc.stdout.splitlines() if " kmt-orphan/1.0 " in ln)
+        if depends:
+            assert said == f"kmodd: kmt-orphan/1.0 for {K113}: built", said
+            assert "kmt_nowhere is not exported by the kernel" in proc.stderr, proc.stderr
+            assert make_runs(second) == 1
+        else:
+            assert said.startswith(f"kmodd: kmt-orphan/1.0 for {K113}: pulled (from cache "), said
+            assert make_runs(second) == 0
+            assert installed(second) == installed(first)
+
+
 # what does not check out: a local build, never an install -------------------------------
 
 

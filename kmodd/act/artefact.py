@@ -7,6 +7,12 @@ names; it says it was built from this very key; its modules are the ones this so
 builds; each is a module for this kernel's arch whose vermagic and modversions the
 kernel accepts (the reuse verdict, against this kernel's exports); and, when kmodd signs
 modules, each carries a valid signature by kmodd's certificate.
+
+A symbol that neither the kernel nor the source's own modules export is no reason to
+refuse a source without BUILD_DEPENDS: the key holds the kernel's exports, so this
+machine's own build would import it unresolved just the same (Debian's dahdi does, for
+the staging `echo` module's oslec_create). A source with BUILD_DEPENDS may take such a
+symbol from another source's build, which its key does not hold: a miss.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from kmodd.act.builder import BuildResult
 from kmodd.base import fsutil
 from kmodd.base.errors import BadInputError, KmoddError
+from kmodd.base.log import get_logger
 from kmodd.base.paths import Root
 from kmodd.decide import verdict
 from kmodd.world import modfile, modsig
@@ -37,6 +44,8 @@ MAX_CONFIG = 1 << 20
 _MAX_MODULE = 512 << 20
 KEY_FILE = "key.json"
 """Beside a build's modules in the build store: the key it was built (or pulled) for."""
+
+log = get_logger(__name__)
 
 BlobReader = Callable[[dict[str, Any], Path, int], None]
 """Copies the blob a descriptor names into a path, checked against its digest."""
@@ -132,10 +141,14 @@ def accept(
         if signs and config.sign_cert and not modsig.signed_by(data, config.sign_cert):
             raise Miss(f"{title}: not signed with this machine's key")
         found.append((info, path, dest))
-    judged = verdict.judge([info for info, _, _ in found], target)
-    for v in judged:
-        if not v.reusable:
+    for v in verdict.judge([info for info, _, _ in found], target):
+        if v.reusable:
+            continue
+        if v.changed or v.problems or conf.build_depends:
             raise Miss(f"{v.module.path.name}: {v.reasons[0]}")
+        if v.missing:
+            log.info("accepted with symbols no one here exports, as a build here would be",
+                     module=v.module.path.name, symbols=" ".join(v.missing))  # fmt: skip
     return found
 
 
