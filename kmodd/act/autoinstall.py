@@ -77,6 +77,9 @@ class _Run:
         self.before: dict[str, Record | None] = {}
         """Each build's record before it started: what a cancel puts back."""
         self.jobserver: Jobserver | None = None
+        self._target: verdict.Target | None = None
+        self._target_lock = threading.Lock()
+        self._urgencies: dict[str, tuple[object, ...]] = {}
         self.contested: list[tuple[Decision, builder.BuildResult | None]] = []
         """Weak links and builds whose module name another source had installed when
         they were ready: settled once every build of the run is done, so a conflict
@@ -109,6 +112,7 @@ class _Run:
             sources,
             autoinstall_only=self.options.only is None,
             avoid_kernels=self.options.avoid_kernels,
+            ask_cache=False,
         )
         for decision in decisions:  # DKMS runs POST_ADD at `dkms add`: here, when first seen
             if decision.conf and (decision.source.name, decision.source.version) in added:
@@ -306,8 +310,21 @@ class _Run:
     def _urgency(self, d: Decision) -> tuple[object, ...]:
         """Sorts first what should start first: initrd modules, then the longest build
         (as long as it took last time; never built: as long as its source's size says)."""
-        expected = self.db.duration(d.name) or schedule.estimate(d.source.path)
-        return (not (d.conf and d.conf.remake_initrd), -expected)
+        if d.name not in self._urgencies:  # once: the ready list is sorted often
+            expected = self.db.duration(d.name) or schedule.estimate(d.source.path)
+            self._urgencies[d.name] = (not (d.conf and d.conf.remake_initrd), -expected)
+        return self._urgencies[d.name]
+
+    def _cache_target(self) -> verdict.Target:
+        """This kernel's exports, what the module cache's finds are judged against: read
+        once for the run's builds (indexed for the next run)."""
+        with self._target_lock:
+            if self._target is None:
+                exports = known.exports(self.root, self.k, write=True)
+                self._target = verdict.Target(
+                    self.k.release, exports, self.k.vermagic_flags, self.k.arch
+                )
+            return self._target
 
     # schedule.Builds: what the scheduler calls -----------------------------------------
 
@@ -322,9 +339,7 @@ class _Run:
         assert self.jobserver is not None
         key = self._key(d)
         if key is not None and d.conf is not None:
-            target = verdict.Target(self.k.release, known.exports(self.root, self.k, write=False),
-                                    self.k.vermagic_flags, self.k.arch)  # fmt: skip
-            cached = self.cache.fetch(key, d.conf, self.k, target)
+            cached = self.cache.fetch(key, d.conf, self.k, self._cache_target())
             if cached is not None:
                 return cached
         result = builder.build(

@@ -82,9 +82,12 @@ def plan_kernel(
     *,
     autoinstall_only: bool = True,
     avoid_kernels: frozenset[str] = frozenset(),
+    ask_cache: bool = True,
 ) -> list[Decision]:
-    """Decide for each of `sources`; `avoid_kernels` are never weak-link sources."""
-    planner = _Planner(root, store, k, avoid_kernels)
+    """Decide for each of `sources`; `avoid_kernels` are never weak-link sources. With
+    `ask_cache`, a build's reason says whether the module cache has it (a registry
+    request per build: `plan` shows it; autoinstall asks when it builds)."""
+    planner = _Planner(root, store, k, avoid_kernels, ask_cache)
     decisions = []
     for source in sources:
         decision = planner.decide(source)
@@ -96,8 +99,11 @@ def plan_kernel(
 
 
 class _Planner:
-    def __init__(self, root: Root, store: Store, k: kernel.Kernel, avoid: frozenset[str]):
+    def __init__(
+        self, root: Root, store: Store, k: kernel.Kernel, avoid: frozenset[str], ask_cache: bool
+    ):
         self.root, self.store, self.k, self.avoid = root, store, k, avoid
+        self.ask_cache = ask_cache
         self._target: verdict.Target | None = None
         self._target_problem: str | None = None
 
@@ -144,7 +150,7 @@ class _Planner:
         if k.build_dir is None:
             return decision(Action.WAIT, f"no headers for {k.release} (no build dir)")
         why = weak or ("NO_WEAK_MODULES=yes" if conf.no_weak_modules else "no build to reuse")
-        cached = self._in_cache(conf)
+        cached = self._in_cache(conf) if self.ask_cache else None
         if cached:
             why += f"; the module cache has it ({cached}): pulled instead, once it checks out"
         return decision(Action.BUILD, why)

@@ -10,9 +10,11 @@ built from; the key is the sha256 of them all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import shutil
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,7 +97,18 @@ def source_digest(root: Root, conf: SourceConfig) -> str:
 
 
 def compiler() -> str:
-    """`gcc --version`'s first line: the compiler the kernel's Makefile runs here."""
+    """`gcc --version`'s first line: the compiler the kernel's Makefile runs here (asked
+    again only when the gcc found on PATH is another file or has changed)."""
+    found = shutil.which("gcc")
+    try:
+        st = Path(found).stat() if found else None
+    except OSError:
+        st = None
+    return _gcc_version(found, st.st_ino if st else 0, st.st_mtime_ns if st else 0)
+
+
+@functools.lru_cache(maxsize=4)
+def _gcc_version(path: str | None, inode: int, mtime_ns: int) -> str:
     try:
         out = run(["gcc", "--version"], timeout=30).stdout.decode(errors="replace")
     except CommandError as err:

@@ -2,8 +2,9 @@
 
 What kmodd adds around it: a registry that is down or slow costs at most its timeout,
 once (oras-py would retry for minutes: its requests go through unretried here, each
-with the timeout, and after a failure the registry is not asked again for a minute, by
-any part of the process: `client()` gives each registry's one client);
+with the timeout, one at a time until the registry has answered once, and after a
+failure the registry is not asked again for a minute, by any part of the process:
+`client()` gives each registry's one client);
 every blob is read within a size bound and checked against its digest while it
 streams; a manifest is at most 4 MB. Any failure is a `RegistryError`, which callers
 take as a cache miss.
@@ -71,6 +72,10 @@ class Client:
     def __init__(self, settings: Registry) -> None:
         self.settings = settings
         self._failed: float | None = None
+        self._answered = False
+        """Whether it answered since it last failed: until then, one exchange at a time
+        (parallel builds would each wait out the timeout of a registry that hangs)."""
+        self._first = threading.Lock()
         self._oras: Any = None
 
     @property
@@ -155,18 +160,22 @@ class Client:
     def _asking(self, ref: str) -> Iterator[None]:
         """Around each exchange: none once the registry failed in this run; a failure
         to reach it (or a bug of oras-py's) makes it unusable for the rest of it."""
-        if not self.usable:
-            raise Resting(f"{ref}: the registry failed less than a minute ago")
-        try:
-            yield
-        except RegistryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - requests', oras-py's, the socket's
-            self._failed = time.monotonic()
-            said = _said(err, self.settings.timeout)
-            log.warning("the module cache's registry failed: not asked for a minute",
-                        ref=ref, problem=said)  # fmt: skip
-            raise RegistryError(f"{ref}: {said}") from None
+        with contextlib.nullcontext() if self._answered else self._first:
+            if not self.usable:
+                raise Resting(f"{ref}: the registry failed less than a minute ago")
+            try:
+                yield
+            except RegistryError:
+                self._answered = True  # it answered, with what kmodd cannot use
+                raise
+            except Exception as err:  # noqa: BLE001 - requests', oras-py's, the socket's
+                self._failed = time.monotonic()
+                self._answered = False
+                said = _said(err, self.settings.timeout)
+                log.warning("the module cache's registry failed: not asked for a minute",
+                            ref=ref, problem=said)  # fmt: skip
+                raise RegistryError(f"{ref}: {said}") from None
+            self._answered = True
 
 
 def _said(err: BaseException, timeout: float) -> str:
