@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
 
-from bench.bench_sources import dkms_env, dkms_trees, make_key
+from bench.bench_sources import dkms_env, dkms_trees, make_key, sign_like_dkms
 from tests.conftest import K111, K113, install_headers
 from tests.debs import unpack_dkms_package
 from tests.sources import write_source
@@ -54,16 +54,6 @@ def register_with_dkms(root: Path) -> None:
             capture_output=True,
             check=True,
         )
-
-
-def sign_like_dkms(root: Path, key: Path, cert: Path) -> None:
-    """Both sign: kmodd with the throw-away key DKMS is given (bench_sources.dkms_env)."""
-    (root / "etc/kmodd").mkdir(parents=True)
-    shutil.copy(key, root / "etc/kmodd/mok.key")
-    shutil.copy(cert, root / "etc/kmodd/mok.pub")
-    (root / "etc/kmodd/kmodd.conf").write_text(
-        "sign_key = /etc/kmodd/mok.key\nsign_cert = /etc/kmodd/mok.pub\n"
-    )
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:

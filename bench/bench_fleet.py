@@ -56,13 +56,7 @@ def makes(root: Path) -> int:
 
 def machine(root: Path, packages: Sequence[str], key: Path, cert: Path, host: str) -> None:
     sources.make_tree(root, packages)
-    (root / "etc/kmodd").mkdir(parents=True)
-    (root / "etc/kmodd/mok.key").write_bytes(key.read_bytes())
-    (root / "etc/kmodd/mok.pub").write_bytes(cert.read_bytes())
-    (root / "etc/kmodd/kmodd.conf").write_text(
-        "sign_key = /etc/kmodd/mok.key\nsign_cert = /etc/kmodd/mok.pub\n"
-        f"registry = {host}/fleet\nregistry_insecure = yes\n"
-    )
+    sources.sign_like_dkms(root, key, cert, f"registry = {host}/fleet\nregistry_insecure = yes\n")
     sources.warm(root)
 
 

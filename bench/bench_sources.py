@@ -314,13 +314,19 @@ def kmodctl(root: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "kmodd.edges.cli", "--root", os.fspath(root), *args]
 
 
-def run_kmodd(root: Path, key: Path, cert: Path) -> Run:
+def sign_like_dkms(root: Path, key: Path, cert: Path, more: str = "") -> None:
+    """kmodd signs with the throw-away key DKMS is given (dkms_env); kmodd.conf gets
+    `more` settings too."""
     (root / "etc/kmodd").mkdir(parents=True)
     shutil.copy(key, root / "etc/kmodd/mok.key")
     shutil.copy(cert, root / "etc/kmodd/mok.pub")
     (root / "etc/kmodd/kmodd.conf").write_text(
-        "sign_key = /etc/kmodd/mok.key\nsign_cert = /etc/kmodd/mok.pub\n"
+        "sign_key = /etc/kmodd/mok.key\nsign_cert = /etc/kmodd/mok.pub\n" + more
     )
+
+
+def run_kmodd(root: Path, key: Path, cert: Path) -> Run:
+    sign_like_dkms(root, key, cert)
     run = timed("kmodd", kmodctl(root, "autoinstall", "-k", KERNEL, "--no-initrd"))
     status = subprocess.run(
         kmodctl(root, "status", "--json", "-k", KERNEL),
