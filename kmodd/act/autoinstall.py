@@ -23,7 +23,7 @@ from kmodd.base.errors import BuildError, CancelledError, KmoddError
 from kmodd.base.jobserver import Jobserver
 from kmodd.base.log import bind, get_logger
 from kmodd.base.paths import Root
-from kmodd.decide import verdict
+from kmodd.decide import reuse, verdict
 from kmodd.decide.plan import Action, Decision, plan_kernel
 from kmodd.state import known, store
 from kmodd.state.states import State
@@ -320,10 +320,7 @@ class _Run:
         once for the run's builds (indexed for the next run)."""
         with self._target_lock:
             if self._target is None:
-                exports = known.exports(self.root, self.k, write=True)
-                self._target = verdict.Target(
-                    self.k.release, exports, self.k.vermagic_flags, self.k.arch
-                )
+                self._target = reuse.target_of(self.root, self.k, write=True)
             return self._target
 
     # schedule.Builds: what the scheduler calls -----------------------------------------

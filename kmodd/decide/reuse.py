@@ -27,9 +27,10 @@ class Report:
         return all(v.reusable for v in self.verdicts)
 
 
-def target_of(root: Root, k: kernel.Kernel) -> verdict.Target:
-    """What `k` offers, its exports from kmodd's index of them when there is one."""
-    exports = known.exports(root, k, write=False)
+def target_of(root: Root, k: kernel.Kernel, *, write: bool = False) -> verdict.Target:
+    """What `k` offers, its exports from kmodd's index of them when there is one (with
+    `write`, made when there is none: the caller holds the writers' lock)."""
+    exports = known.exports(root, k, write=write)
     return verdict.Target(k.release, exports, k.vermagic_flags, k.arch)
 
 

@@ -56,6 +56,7 @@ from kmodd.edges.dbus._inhibit import Inhibitor
 if TYPE_CHECKING:
     from kmodd.service.core import Service
     from kmodd.service.jobs import Job
+    from kmodd.state.report import Line
 
 log = get_logger(__name__)
 
@@ -130,24 +131,22 @@ class Manager(ServiceInterface):
 
     @call("aa{ss}", module="s", kernel="s")
     async def Status(self, module: str, kernel: str) -> list[dict[str, str]]:
-        if module:
-            check_source(module)
-        if kernel:
-            check_release(kernel)
-        lines = await _in_thread(self._service.status, module or None, kernel or None)
-        return [line_dict(line) for line in lines]
+        return [line_dict(line) for line in await self._status(module, kernel)]
 
     @call("s", module="s", kernel="s")
     async def StatusJSON(self, module: str, kernel: str) -> str:
         """Status's lines as `kmodctl status --json` prints them, in one string: what
         kmodctl asks for (a string costs the bus, and both ends, far less than 200
         dicts of 11 strings)."""
+        return json.dumps([line.json() for line in await self._status(module, kernel)])
+
+    async def _status(self, module: str, kernel: str) -> list[Line]:
+        """Status's lines for Status and StatusJSON, their arguments checked first."""
         if module:
             check_source(module)
         if kernel:
             check_release(kernel)
-        lines = await _in_thread(self._service.status, module or None, kernel or None)
-        return json.dumps([line.json() for line in lines])
+        return await _in_thread(self._service.status, module or None, kernel or None)
 
     @call("aa{ss}", kernel="s")
     async def Plan(self, kernel: str) -> list[dict[str, str]]:
